@@ -1,0 +1,25 @@
+"""ovdet: open-vocabulary object detection. Name what to find in words, get boxes.
+
+    from ovdet import OVDetector
+    det = OVDetector("yolov8s-worldv2")
+    det.set_classes(["person", "red backpack"])
+    detections = det.detect("street.jpg")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["OVDetector", "annotate_folder", "__version__"]
+
+_LAZY = {"OVDetector": "ovdet.detector", "annotate_folder": "ovdet.annotate"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavy modules (torch, ultralytics) only when their names are used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ovdet' has no attribute {name!r}")

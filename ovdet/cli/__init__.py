@@ -1,0 +1,44 @@
+"""The `ovdet` command: each subcommand lives in its own module with `add_parser(sub)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ovdet.errors import OVDetError
+
+# Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
+COMMANDS = ("detect", "weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, one subparser per command module."""
+    parser = argparse.ArgumentParser(
+        prog="ovdet",
+        description="Open-vocabulary object detection: name what to find, get boxes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        module = importlib.import_module(f"ovdet.cli.{name}")
+        module.add_parser(sub).set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except OVDetError as exc:
+        print(f"ovdet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ovdet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

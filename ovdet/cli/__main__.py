@@ -1,0 +1,5 @@
+import sys
+
+from ovdet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Options shared by the commands that run a detector."""
+
+from __future__ import annotations
+
+import argparse
+
+from ovdet.detector import OVDetector
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --text-model, --device, --half, --imgsz, --conf, --iou, --max-det."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="yolov8s-worldv2",
+                       help="detector: a name from `ovdet weights list`, a .pt file, or an ultralytics yaml config")
+    group.add_argument("--text-model", default=None,
+                       help="text tower: Hugging Face id, folder or OpenAI ViT-B-32.pt (default: the one in the "
+                            "checkpoint, else CLIP ViT-B/32)")
+    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    group.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
+                       help="fp16 inference (default: on for CUDA, off otherwise)")
+    group.add_argument("--imgsz", type=int, default=640, help="inference size in pixels (multiple of 32)")
+    group.add_argument("--conf", type=float, default=0.25, help="minimum confidence of a detection")
+    group.add_argument("--iou", type=float, default=0.7, help="IoU threshold of non-maximum suppression")
+    group.add_argument("--max-det", type=int, default=300, help="most detections kept per image")
+
+
+def add_classes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", required=True,
+                        help='what to find, comma-separated, e.g. "person,bus,red backpack"')
+
+
+def build_detector(args: argparse.Namespace) -> OVDetector:
+    """An OVDetector from the parsed model options, with args.classes set."""
+    det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
+                     imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det)
+    det.set_classes(args.classes)
+    return det

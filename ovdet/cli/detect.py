@@ -1,0 +1,53 @@
+"""`ovdet detect IMAGE...`: detect in images, print the boxes, optionally save annotated copies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+
+from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.draw import draw
+from ovdet.errors import ImageError
+from ovdet.sources import load_image
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("detect", help="detect named classes in images",
+                            description="Detect the named classes in each image and print the boxes.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    add_classes_option(parser)
+    add_model_options(parser)
+    parser.add_argument("--save", metavar="DIR", default=None, help="write annotated copies of the images here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    det = build_detector(args)
+    failed = 0
+    for path in args.images:
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            failed += 1
+            print(f"ovdet: skipped {path}: {exc}", file=sys.stderr)
+            continue
+        dets = det.detect(image)
+        rows = [{"class": str(n), "score": round(float(s), 4), "xyxy": [round(float(v), 1) for v in box]}
+                for n, s, box in zip(dets.data["class_name"], dets.confidence, dets.xyxy)]
+        if args.json:
+            print(json.dumps({"image": str(path), "detections": rows}, ensure_ascii=False))
+        else:
+            print(f"{path}: {len(rows)} detection{'s' if len(rows) != 1 else ''}")
+            for r in rows:
+                print(f"  {r['class']:<20} {r['score']:.2f}  " + " ".join(f"{v:.1f}" for v in r["xyxy"]))
+        if args.save:
+            out = Path(args.save)
+            out.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out / (Path(path).stem + ".jpg")), draw(image, dets))
+    return 1 if failed else 0

@@ -1,0 +1,23 @@
+"""Drawing detections on images with supervision's annotators."""
+
+from __future__ import annotations
+
+import numpy as np
+import supervision as sv
+
+_BOXES = sv.BoxAnnotator(thickness=2)
+_LABELS = sv.LabelAnnotator(text_scale=0.5, text_padding=3)
+
+
+def labels(detections: sv.Detections) -> list[str]:
+    """"class #id score" per detection (the "#id" part only when the detections are tracked)."""
+    names = detections.data.get("class_name", [str(c) for c in detections.class_id])
+    ids = detections.tracker_id if detections.tracker_id is not None else [None] * len(detections)
+    return [f"{name}{'' if tid is None else f' #{int(tid)}'} {score:.2f}"
+            for name, tid, score in zip(names, ids, detections.confidence)]
+
+
+def draw(image: np.ndarray, detections: sv.Detections) -> np.ndarray:
+    """A copy of a BGR image with boxes and "class #id score" labels drawn on it."""
+    canvas = _BOXES.annotate(image.copy(), detections)
+    return _LABELS.annotate(canvas, detections, labels=labels(detections))

@@ -1,0 +1,51 @@
+"""Exception types a user can catch. Every message says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class OVDetError(Exception):
+    """Base class of every error ovdet raises on purpose."""
+
+
+class ClassSpecError(OVDetError, ValueError):
+    """The class list or class file is empty, blank, duplicated or malformed."""
+
+
+class ImageError(OVDetError, ValueError):
+    """An image path, file or array cannot be used as an image."""
+
+
+class ImageReadError(ImageError):
+    """A file is missing, unreadable, corrupt, truncated or not an image."""
+
+
+class InvalidImageError(ImageError):
+    """An in-memory image has the wrong type, shape or dtype."""
+
+
+class ModelError(OVDetError):
+    """A model name, file or configuration cannot be used."""
+
+
+class UnknownModelError(ModelError, ValueError):
+    """A model name that ovdet does not know and that is not an existing file."""
+
+
+class WeightsNotFoundError(ModelError, FileNotFoundError):
+    """A weights file is missing and cannot be downloaded (offline or download failed)."""
+
+
+class WeightsCorruptError(ModelError):
+    """A weights file exists but is truncated, corrupt or not the expected kind of model."""
+
+
+class SourceError(OVDetError):
+    """A video file, camera or stream cannot be opened or stopped delivering frames."""
+
+
+class DatasetError(OVDetError):
+    """An input folder, dataset or output folder cannot be used as asked."""
+
+
+class ResumeMismatchError(DatasetError):
+    """An interrupted run is resumed with different classes or model; pass --overwrite to start over."""

@@ -1,0 +1,108 @@
+"""Shared fixtures: random-weight YOLO-World models and text towers (no pretrained weights, no network)."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+from ultralytics.nn.modules.head import WorldDetect
+from ultralytics.nn.tasks import WorldModel
+
+from ovdet.world import _quiet_ultralytics
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Fail any test that tries to reach a non-loopback address."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1")):
+            raise AssertionError(f"test tried to reach the network: {address!r}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own OVDET_HOME and is offline unless it says otherwise."""
+    monkeypatch.setenv("OVDET_HOME", str(tmp_path_factory.mktemp("ovdet_home")))
+    monkeypatch.setenv("OVDET_OFFLINE", "1")
+
+
+def random_world_model(cfg: str = "yolov8n-worldv2.yaml", seed: int = 0) -> WorldModel:
+    """A YOLO-World model from an ultralytics config with seeded random weights and a head whose scores spread.
+
+    Freshly initialised heads give almost constant scores (class bias -10); redrawing bias and logit scale makes
+    scores vary between boxes so box-for-box comparisons mean something.
+    """
+    torch.manual_seed(seed)
+    with _quiet_ultralytics():
+        model = WorldModel(cfg, verbose=False)
+    gen = torch.Generator().manual_seed(seed)
+    head = model.model[-1]
+    assert isinstance(head, WorldDetect)
+    for contrastive in head.cv4:
+        contrastive.bias.data.fill_(-3.0 + 0.5 * float(torch.rand(1, generator=gen)))
+        contrastive.logit_scale.data.fill_(math.log(25.0 + 15.0 * float(torch.rand(1, generator=gen))))
+    for module in model.modules():  # running stats away from (0, 1) so fused BN is not an identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1, generator=gen)
+            module.running_var.uniform_(0.5, 1.5, generator=gen)
+    return model.eval()
+
+
+def save_world_checkpoint(model: WorldModel, path) -> None:
+    """Write a model the way ultralytics checkpoints hold it."""
+    torch.save({"model": model, "train_args": {}}, path)
+
+
+def random_embeddings(num_classes: int, dim: int = 512, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(num_classes, dim, generator=gen)
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def scene(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
+    """A BGR uint8 image of random coloured rectangles and circles on noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    for _ in range(12):
+        color = tuple(int(c) for c in rng.integers(40, 255, 3))
+        x, y = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
+        s = int(rng.integers(15, max(16, min(height, width) // 3)))
+        if rng.random() < 0.5:
+            cv2.rectangle(img, (x, y), (x + s, y + s), color, -1)
+        else:
+            cv2.circle(img, (x, y), s // 2, color, -1)
+    return img
+
+
+@pytest.fixture(scope="session")
+def tiny_world_checkpoint(tmp_path_factory):
+    """Path of a random yolov8n-worldv2 checkpoint with a spread head."""
+    path = tmp_path_factory.mktemp("weights") / "tiny-worldv2.pt"
+    save_world_checkpoint(random_world_model("yolov8n-worldv2.yaml", seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder():
+    from ovdet.text import TextEncoder
+
+    return TextEncoder.random(seed=0)
+
+
+@pytest.fixture
+def tiny_detector(tiny_world_checkpoint, tiny_text_encoder):
+    """OVDetector on CPU at imgsz 160: random yolov8n-worldv2 and a small random text tower."""
+    from ovdet import OVDetector
+
+    return OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu", imgsz=160)
