@@ -42,10 +42,10 @@ def checkpoint(request, tmp_path_factory):
 
 
 def assert_same(ours, ref):
-    order_ours = np.lexsort((ours.xyxy[:, 0], -ours.confidence))
     boxes = ref.boxes
     ref_xyxy, ref_conf, ref_cls = boxes.xyxy.numpy(), boxes.conf.numpy(), boxes.cls.numpy().astype(int)
-    order_ref = np.lexsort((ref_xyxy[:, 0], -ref_conf))
+    order_ours = np.lexsort((ours.class_id, ours.confidence, *ours.xyxy.T[::-1]))
+    order_ref = np.lexsort((ref_cls, ref_conf, *ref_xyxy.T[::-1]))
     assert len(ours) == len(ref_conf)
     np.testing.assert_allclose(ours.xyxy[order_ours], ref_xyxy[order_ref], atol=1e-3, rtol=0)
     np.testing.assert_allclose(ours.confidence[order_ours], ref_conf[order_ref], atol=1e-4, rtol=0)
@@ -57,7 +57,8 @@ def test_detect_matches_ultralytics_predict(checkpoint):
     images = [scene(480, 640, seed=3), scene(375, 500, seed=4)]
     det = OVDetector(checkpoint, device="cpu", imgsz=640)
     det.set_embeddings(NAMES, emb)
-    for image, ref in zip(images, reference_predict(checkpoint, emb, images, conf=0.25, iou=0.7)):
+    for image in images:
+        ref = reference_predict(checkpoint, emb, [image], conf=0.25, iou=0.7)[0]  # a list is one batch there
         ours = det.detect(image, conf=0.25, iou=0.7)
         assert len(ours) > 5, "fixture must produce detections for the comparison to mean something"
         assert_same(ours, ref)

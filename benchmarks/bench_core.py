@@ -1,0 +1,97 @@
+"""ovdet detect vs ultralytics YOLOWorld.predict, and set_classes cost, in one process on the same weights.
+
+    python benchmarks/bench_core.py [--runs 20] [--imgsz 640] [--device cpu]
+
+Both sides use the same random-init yolov8s-worldv2 (no pretrained weights can be downloaded here) with the
+same 80 text embeddings; speed does not depend on the weights' values. The text tower is a random-init
+CLIP ViT-B/32-sized text model (same architecture and cost as the real one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import random_world_model, save_world_checkpoint, scene  # noqa: E402
+
+from ovdet import OVDetector  # noqa: E402
+from ovdet.text import TextEncoder  # noqa: E402
+
+COCO80 = ("person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+          "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag "
+          "tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+          "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+          "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+          "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+          "toothbrush").replace("_", "\0").split()
+COCO80 = [c.replace("\0", " ") for c in COCO80]
+
+
+def median_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20, help="timed images per side (median reported)")
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    from ultralytics import YOLOWorld
+    from ultralytics.utils import NUM_THREADS
+
+    torch.set_num_threads(NUM_THREADS)  # ultralytics predict sets this; give both sides the same
+    text = TextEncoder.random(seed=0, hidden_size=512, num_hidden_layers=12, num_attention_heads=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "yolov8s-worldv2.pt"
+        save_world_checkpoint(random_world_model("yolov8s-worldv2.yaml", seed=0), ckpt)
+        det = OVDetector(ckpt, text_model=text, device=args.device, imgsz=args.imgsz)
+
+        t = time.perf_counter()
+        det.set_classes(COCO80)
+        first = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        det.set_classes(COCO80)
+        second = (time.perf_counter() - t) * 1000
+        emb = det.world._txt_feats[0].float().cpu()
+
+        yolo = YOLOWorld(str(ckpt))
+        yolo.model.txt_feats = emb[None].clone()
+        yolo.model.model[-1].nc = len(COCO80)
+        yolo.model.names = dict(enumerate(COCO80))
+
+        images = [scene(720, 1280, seed=i) for i in range(args.runs)]
+        ref_kwargs = dict(imgsz=args.imgsz, conf=0.25, iou=0.7, device=args.device, verbose=False)
+        yolo.predict(images[0], **ref_kwargs)  # warm-up both sides
+        det.detect(images[0])
+        it_ref, it_ours = iter(images * 2), iter(images * 2)
+        ref = median_ms(lambda: yolo.predict(next(it_ref), **ref_kwargs), args.runs)
+        ours = median_ms(lambda: det.detect(next(it_ours)), args.runs)
+        batch = [images[i % len(images)] for i in range(8)]
+        ours_batch = median_ms(lambda: det.detect_batch(batch), max(3, args.runs // 4)) / len(batch)
+
+    print(f"device={det.device} threads={torch.get_num_threads()} imgsz={args.imgsz} classes=80 "
+          f"image=1280x720 runs={args.runs} torch={torch.__version__}")
+    print("| measurement | ms | ratio |")
+    print("| --- | ---: | ---: |")
+    print(f"| ultralytics YOLOWorld.predict, per image | {ref:.1f} | 1.00 |")
+    print(f"| ovdet detect, per image | {ours:.1f} | {ref / ours:.2f}x faster |")
+    print(f"| ovdet detect_batch (8), per image | {ours_batch:.1f} | {ref / ours_batch:.2f}x faster |")
+    print(f"| ovdet set_classes, 80 prompts, first call (loads nothing, encodes) | {first:.1f} | |")
+    print(f"| ovdet set_classes, 80 prompts, second call | {second:.1f} | |")
+
+
+if __name__ == "__main__":
+    main()
