@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from transformers import CLIPConfig, CLIPModel
+from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel
 
 from ovdet.errors import ClassSpecError, ModelError, WeightsCorruptError, WeightsNotFoundError
 from ovdet.text import EOT_TOKEN_ID, SOT_TOKEN_ID, TextEncoder, tokenize
@@ -31,6 +31,7 @@ TRICKY = [
     "Ångström İstanbul ΣΊΣΥΦΟΣ straße ﬁ",
     "mojibake cafÃ©",
     "<end_of_text> inside <start_of_text>",
+    "İ\u3099 combining marks after lowercasing",  # lowercased İ needs no re-normalization (NFC would reorder)
 ]
 PROMPTS = ["a cat", "person wearing a hat", "Café 日本語 🐶", "RED backpack!!", "", LONG_PROMPT]
 WIDTH, HEADS, LAYERS = 64, 2, 2
@@ -142,7 +143,7 @@ def test_fp16_and_wrapped_state_dicts(reference):
     with torch.no_grad():
         want = rounded.encode_text(open_clip.tokenize(PROMPTS[:4]), normalize=True)
     wrapped = {"state_dict": {f"module.{k}": v for k, v in half.items()}}
-    encoder = TextEncoder.from_openai_state_dict(wrapped["state_dict"], name="half", num_attention_heads=HEADS)
+    encoder = TextEncoder.from_openai_state_dict(wrapped, name="half", num_attention_heads=HEADS)
     assert (encoder.encode(PROMPTS[:4]) - want).abs().max().item() <= 1e-5
     assert next(encoder.model.parameters()).dtype == torch.float32
 
@@ -225,6 +226,21 @@ def test_full_clip_hf_folder_loads_text_tower(tmp_path):
         out = clip.get_text_features(input_ids=ids)
     want = torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
     assert (TextEncoder.load(tmp_path / "clip").encode(PROMPTS[:4]) - want).abs().max().item() <= 1e-6
+
+
+def test_broken_or_foreign_hf_folder(tmp_path):
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(WeightsCorruptError, match="lacks CLIP text-tower weights"):
+        TextEncoder.load(tmp_path / "bert")  # would otherwise load as a silently random tower
+    TextEncoder.random(seed=0).model.save_pretrained(tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(WeightsCorruptError, match="broken or non-CLIP"):
+        TextEncoder.load(tmp_path / "cut")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsCorruptError, match="not a usable Hugging Face CLIP model folder"):
+        TextEncoder.load(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("damage", ["truncate_jit", "truncate_sd", "junk", "empty"])
