@@ -43,6 +43,10 @@ class SourceError(OVDetError):
     """A video file, camera or stream cannot be opened or stopped delivering frames."""
 
 
+class VideoOutputError(OVDetError):
+    """An output video or JSONL file cannot be written."""
+
+
 class DatasetError(OVDetError):
     """An input folder, dataset or output folder cannot be used as asked."""
 
