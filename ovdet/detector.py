@@ -10,7 +10,9 @@ import numpy as np
 import supervision as sv
 import torch
 
+from ovdet.embedding_cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError, ModelError
+from ovdet.prompts import ClassSpec, parse_classes
 from ovdet.sources import load_image
 from ovdet.text import TextEncoder
 from ovdet.world import WorldDetector
@@ -41,13 +43,13 @@ class OVDetector:
     """Open-vocabulary detector: `set_classes([...])`, then `detect(image)` → `sv.Detections`."""
 
     def __init__(self, model: str | Path | Any = "yolov8s-worldv2", text_model: str | Path | TextEncoder | None = None,
-                 device: str | torch.device = "auto", half: bool | None = None, imgsz: int = 640,
+                 device: str | torch.device = "auto", half: bool | None = None, imgsz: int | None = None,
                  conf: float = 0.25, iou: float = 0.7, max_det: int = 300):
         self.world = WorldDetector.load(model, device=device, half=half)
-        self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
-        self._text_source = text_model
-        self._text_encoder = text_model.to(self.device) if isinstance(text_model, TextEncoder) else None
-        self._classes: list[str] = []
+        self.imgsz = imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        self._text = LazyTextEncoder(text_model, device=self.device, embedded_state=self.world.text_encoder_state)
+        self._spec: ClassSpec | None = None
 
     @property
     def device(self) -> torch.device:
@@ -61,32 +63,44 @@ class OVDetector:
     @property
     def text_encoder(self) -> TextEncoder:
         """The text tower, loaded on first use: the one embedded in the checkpoint, or CLIP ViT-B/32."""
-        if self._text_encoder is None:
-            if self._text_source is None and self.world.text_encoder_state is not None:
-                encoder = TextEncoder.from_state(self.world.text_encoder_state)
-            else:
-                from ovdet.weights import resolve_text_model
+        return self._text.encoder
 
-                encoder = TextEncoder.load(resolve_text_model(self._text_source), device=self.device)
-            self._text_encoder = encoder.to(self.device)
-        return self._text_encoder
+    @property
+    def text_identity(self) -> str:
+        """Cache identity of the text tower (name@sha of its source), known without loading it."""
+        return self._text.identity
 
     @property
     def classes(self) -> list[str]:
-        return list(self._classes)
+        return [] if self._spec is None else self._spec.names
 
-    def set_classes(self, classes: str | Sequence[str]) -> None:
-        """Encode these class names with the text tower; takes effect on the next detect call."""
-        names = parse_class_names(classes)
-        self.set_embeddings(names, self.text_encoder.encode(names))
+    @property
+    def class_spec(self) -> ClassSpec | None:
+        """The parsed classes: phrasings, per-class thresholds, negatives, templates."""
+        return self._spec
 
-    def set_embeddings(self, names: Sequence[str], embeddings: torch.Tensor) -> None:
-        """Use precomputed [C, D] text embeddings for these class names (skips the text tower)."""
-        names = parse_class_names(list(names))
-        if len(names) != len(embeddings):
-            raise ClassSpecError(f"{len(names)} class names but {len(embeddings)} embeddings: give one per class.")
-        self.world.set_text_embeddings(embeddings)
-        self._classes = names
+    def set_classes(self, classes: str | Path | Sequence[str] | ClassSpec,
+                    templates: bool | Sequence[str] | None = None, reduce: str | None = None) -> None:
+        """Set what to find; takes effect on the next detect call. `classes`: a list or comma string with inline
+        syntax ("person|man" synonyms, "!reflection" negatives), a .yaml/.json class file, or a ClassSpec (see
+        ovdet.prompts). Cached prompt embeddings are reused; the text tower is loaded only for new prompts."""
+        spec = parse_classes(classes, templates=templates, reduce=reduce)
+        self.set_embeddings(spec, spec.embed(self._text.encode))
+
+    def set_embeddings(self, names: Sequence[str] | ClassSpec, embeddings: torch.Tensor) -> None:
+        """Use precomputed text embeddings (skips the text tower): [C, D] for C class names, or for a ClassSpec
+        one row per entry of `spec.columns` (each phrasing, negatives last)."""
+        if isinstance(names, ClassSpec):
+            spec = parse_classes(names)  # checked like a parsed one
+        else:
+            spec = ClassSpec.from_names(parse_class_names(list(names)))
+        if len(spec.columns) != len(embeddings):
+            what = "class names" if spec.is_plain else "phrasings (ClassSpec.columns)"
+            raise ClassSpecError(f"{len(spec.columns)} {what} but {len(embeddings)} embeddings: give one per "
+                                 f"{'class' if spec.is_plain else 'phrasing'}.")
+        columns = None if spec.is_plain else [c for _, c in spec.columns]
+        self.world.set_text_embeddings(embeddings, columns=columns, reduce=spec.reduce)
+        self._spec = spec
 
     def detect(self, image: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
                imgsz: int | None = None) -> sv.Detections:
@@ -96,13 +110,16 @@ class OVDetector:
     def detect_batch(self, images: Iterable[Any], conf: float | None = None, iou: float | None = None,
                      max_det: int | None = None, imgsz: int | None = None) -> list[sv.Detections]:
         """Detect in several images with one forward pass; one `sv.Detections` per image, in order."""
-        if not self._classes:
+        if self._spec is None:
             raise ModelError("No classes set: call set_classes(['person', ...]) before detecting.")
         arrays = [load_image(im) for im in images]
         if not arrays:
             return []
-        raw = self.world(arrays, imgsz=imgsz or self.imgsz, conf=self.conf if conf is None else conf,
-                         iou=self.iou if iou is None else iou, max_det=max_det or self.max_det)
+        conf = self.conf if conf is None else conf
+        own = self._spec.thresholds
+        class_conf = [conf if t is None else t for t in own] if any(t is not None for t in own) else None
+        raw = self.world(arrays, imgsz=imgsz or self.imgsz, conf=conf, iou=self.iou if iou is None else iou,
+                         max_det=max_det or self.max_det, class_conf=class_conf)
         return [self._to_detections(r) for r in raw]
 
     def stream(self, source: Any, track: bool = False, **kwargs: Any) -> Iterator[tuple[np.ndarray, sv.Detections]]:
@@ -118,6 +135,6 @@ class OVDetector:
             xyxy=arr[:, :4].astype(np.float32),
             confidence=arr[:, 4].astype(np.float32),
             class_id=class_id,
-            data={"class_name": np.array(self._classes, dtype=object)[class_id].astype(str)
+            data={"class_name": np.array(self.classes, dtype=object)[class_id].astype(str)
                   if len(class_id) else np.array([], dtype=str)},
         )

@@ -7,7 +7,6 @@ with open_clip's own text cleaning, so token ids equal `open_clip.tokenize` (and
 from __future__ import annotations
 
 import gzip
-import hashlib
 import html
 import importlib.util
 import re
@@ -24,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ovdet.errors import ClassSpecError, ModelError, WeightsCorruptError, WeightsNotFoundError
-from ovdet.weights import is_offline
+from ovdet.weights import is_offline, state_digest
 
 CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
@@ -203,14 +202,6 @@ def _read_weights_file(path: Path) -> Any:
             "good copy with `ovdet weights import PATH`; for a Hugging Face model pass its folder.") from exc
 
 
-def _sha16(state_dict: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key, value in state_dict.items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _from_pretrained(source: str, what: str, local: bool) -> CLIPTextModelWithProjection:
     """`CLIPTextModelWithProjection.from_pretrained` (also takes a full CLIPModel); refuses partially loaded weights."""
     offline = is_offline()
@@ -320,7 +311,7 @@ class TextEncoder:
     def identity(self) -> str:
         """`name@sha` (16 hex of sha256 over the weights): a cache-key component that changes with any weight."""
         if self._identity is None:
-            self._identity = f"{self.name}@{_sha16(self.model.state_dict())}"
+            self._identity = f"{self.name}@{state_digest(self.model.state_dict())}"
         return self._identity
 
     @property

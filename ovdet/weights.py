@@ -175,12 +175,24 @@ def check_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def state_digest(state_dict) -> str:
+    """16 hex of a sha256 over a torch state dict's keys and tensor bytes: the identity of in-memory weights."""
+    import torch  # here, so that weights management stays importable without loading torch
+
+    digest = hashlib.sha256()
+    for key, value in state_dict.items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _download(spec: ModelSpec, searched: list[Path], what: str) -> Path:
@@ -360,7 +372,7 @@ def import_weights(path: str | Path, name: str | None = None) -> Path:
     spec = lookup(filename)
     if spec is not None and spec.name == "demo":
         raise ModelError("'demo' is the detector shipped inside ovdet; import under another --name.")
-    if spec is not None and spec.sha256 and filename == spec.filename and _sha256(src) != spec.sha256:
+    if spec is not None and spec.sha256 and filename == spec.filename and file_sha256(src) != spec.sha256:
         raise WeightsCorruptError(
             f"{src} is not the published {spec.filename} (sha256 differs from {spec.sha256}). Download a good "
             f"copy from {spec.url}, or import this file under another --name."

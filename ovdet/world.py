@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from ultralytics.utils import LOGGER as ULTRALYTICS_LOGGER
 from ultralytics.utils import nms, ops
 
 from ovdet.errors import ModelError, WeightsCorruptError
+from ovdet.weights import file_sha256, resolve_detector, state_digest
 
 TEXT_ENCODER_KEY = "ovdet_text_encoder"  # checkpoint key under which ovdet-trained models carry their text tower
 
@@ -44,23 +45,6 @@ def _channels_last_helps(device: torch.device) -> bool:
     """On x86 CPUs with oneDNN, channels-last convolutions are faster (ultralytics predict makes the same choice)."""
     return (device.type == "cpu" and platform.machine() in {"AMD64", "x86_64"}
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
-def _state_digest(model: torch.nn.Module) -> str:
-    """A short sha256 over the model's tensors, for models that come from no file."""
-    h = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def load_world_checkpoint(path: Path) -> tuple[WorldModel, dict[str, Any]]:
@@ -91,7 +75,7 @@ class WorldDetector:
     """A YOLO-World model on a device with its class embeddings set: images in, boxes out (N×6 per image)."""
 
     def __init__(self, model: WorldModel, name: str, device: str | torch.device = "auto", half: bool | None = None,
-                 digest: str | None = None, text_encoder_state: dict | None = None):
+                 digest: str | None = None, text_encoder_state: dict | None = None, train_imgsz: int = 640):
         self.device = select_device(device)
         self.half = (self.device.type == "cuda") if half is None else bool(half)
         if self.half and self.device.type == "cpu":
@@ -108,7 +92,11 @@ class WorldDetector:
         self.embed_dim = int(model.txt_feats.shape[-1])
         self.text_encoder_state = text_encoder_state
         self._digest = digest
+        self.train_imgsz = train_imgsz  # the size it was trained at: the best default inference size
         self._txt_feats: torch.Tensor | None = None
+        self._columns: torch.Tensor | None = None  # embedding row -> class index (-1: negative); None: row i is class i
+        self._num_classes = 0
+        self._reduce = "max"
 
     @classmethod
     def load(cls, source: str | Path | WorldModel, device: str | torch.device = "auto",
@@ -125,31 +113,48 @@ class WorldDetector:
                     raise ModelError(f"Model config {text!r} not found: give a path or an ultralytics config "
                                      "name such as 'yolov8s-worldv2.yaml'.") from exc
             return cls(model, Path(text).name, device, half)
-        from ovdet.weights import resolve_detector
-
         path = resolve_detector(text)
         model, ckpt = load_world_checkpoint(path)
-        return cls(model, path.stem, device, half, digest=_file_digest(path),
-                   text_encoder_state=ckpt.get(TEXT_ENCODER_KEY))
+        imgsz = (ckpt.get("train_args") or {}).get("imgsz") or 640
+        return cls(model, path.stem, device, half, digest=file_sha256(path)[:16],
+                   text_encoder_state=ckpt.get(TEXT_ENCODER_KEY),
+                   train_imgsz=max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz))
 
     @property
     def model_id(self) -> str:
         """`name@sha` of the weights: stable across runs, different for different weights."""
         if self._digest is None:
-            self._digest = _state_digest(self.model)
+            self._digest = state_digest(self.model.state_dict())
         return f"{self.name}@{self._digest}"
 
     @property
     def num_classes(self) -> int:
-        return 0 if self._txt_feats is None else int(self._txt_feats.shape[1])
+        return self._num_classes
 
-    def set_text_embeddings(self, embeddings: torch.Tensor) -> None:
-        """Use these [C, D] L2-normalized class embeddings for every following forward."""
+    def set_text_embeddings(self, embeddings: torch.Tensor, columns: Sequence[int] | None = None,
+                            reduce: str = "max") -> None:
+        """Use these [K, D] L2-normalized text embeddings for every following forward.
+
+        Without `columns`, row i scores class i. With them, row i scores class `columns[i]` (-1: a negative
+        prompt): a class scores the max (or mean, `reduce`) of its rows, and a box whose best row is a negative
+        is dropped; classes are numbered 0..C-1 and each needs at least one row.
+        """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
             raise ModelError(f"Class embeddings must have shape [C, {self.embed_dim}], got {tuple(embeddings.shape)}: "
                              "the text tower does not match this detector.")
+        if columns is not None:
+            cols = torch.as_tensor(list(columns), dtype=torch.long)
+            num = int(cols.max()) + 1 if len(cols) else 0
+            if len(cols) != len(embeddings) or num < 1 or bool((cols < -1).any()) \
+                    or set(cols[cols >= 0].tolist()) != set(range(num)) or reduce not in ("max", "mean"):
+                raise ModelError(f"columns must give each of the {len(embeddings)} embedding rows a class 0..C-1 "
+                                 f"(every class at least once) or -1, and reduce must be max or mean; got "
+                                 f"{cols.tolist()}, {reduce!r}.")
+            columns = cols.to(self.device)
+        self._num_classes = num if columns is not None else int(embeddings.shape[0])
         dtype = torch.float16 if self.half else torch.float32
         self._txt_feats = embeddings.detach().to(self.device, dtype)[None]
+        self._columns, self._reduce = columns, reduce
         self.model.txt_feats = self._txt_feats
         self.model.model[-1].nc = embeddings.shape[0]
 
@@ -162,14 +167,47 @@ class WorldDetector:
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).flip(1)
         return (batch.half() if self.half else batch.float()).div_(255)
 
+    def class_scores(self, preds: torch.Tensor | tuple, conf: float,
+                     class_conf: Sequence[float] | None = None) -> tuple[torch.Tensor, float]:
+        """Raw head output [B, 4+K, A] → [B, 4+C, A] class scores, and the conf threshold for NMS.
+
+        Rows reduce to their classes; anchors whose best row is a negative (ties included) get all-zero scores,
+        and so do anchors whose best class scores at or below that class's `class_conf`, so that each box keeps
+        one class and NMS sees only boxes that pass their own class's threshold.
+        """
+        preds = preds[0] if isinstance(preds, (list, tuple)) else preds
+        boxes, scores = preds[:, :4], preds[:, 4:]
+        if self._columns is not None:
+            positive = self._columns >= 0
+            rows = scores[:, positive]
+            index = self._columns[positive].view(1, -1, 1).expand_as(rows)
+            shape = (scores.shape[0], self.num_classes, scores.shape[2])
+            reduced = rows.new_zeros(shape).scatter_reduce_(1, index, rows, reduce="amax" if self._reduce == "max"
+                                                            else "mean", include_self=False)
+            if not bool(positive.all()):
+                beaten = scores[:, ~positive].amax(1) >= rows.amax(1)
+                reduced = reduced.masked_fill(beaten[:, None], 0)
+            scores = reduced
+        if class_conf is not None:
+            thresholds = torch.as_tensor(class_conf, dtype=scores.dtype, device=scores.device)
+            best, best_class = scores.max(1)
+            scores = scores.masked_fill((best <= thresholds[best_class])[:, None], 0)
+            conf = float(min(class_conf))
+        return torch.cat((boxes, scores), 1), conf
+
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray], imgsz: int = 640, conf: float = 0.25, iou: float = 0.7,
-                 max_det: int = 300) -> list[torch.Tensor]:
-        """Detect in BGR uint8 images; per image an N×6 CPU tensor (x1, y1, x2, y2, score, class) in its pixels."""
+                 max_det: int = 300, class_conf: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Detect in BGR uint8 images; per image an N×6 CPU tensor (x1, y1, x2, y2, score, class) in its pixels.
+
+        `class_conf` (one per class) are per-class thresholds that replace `conf` for their class.
+        """
         if self._txt_feats is None:
             raise ModelError("No classes set: call set_classes([...]) before detecting.")
         batch = self.preprocess(images, imgsz)
         preds = self.model.predict(batch, txt_feats=self._txt_feats)
+        if self._columns is not None or class_conf is not None:
+            preds, conf = self.class_scores(preds, conf, class_conf)
         kept = nms.non_max_suppression(preds, conf, iou, max_det=max_det)
         out = []
         for det, im in zip(kept, images):

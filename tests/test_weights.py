@@ -474,13 +474,14 @@ def test_cli_path_download(online, monkeypatch, server, cli, capsys):
     assert capsys.readouterr().out.strip() == str(weights.weights_dir() / "yolov8s-world.pt")
 
 
-def test_cli_help_shows_defaults(cli, capsys):
+def test_cli_help_explains_options_without_empty_defaults(cli, capsys):
     with pytest.raises(SystemExit) as info:
         cli(["weights", "import", "--help"])
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--name NAME" in out and "(default: None)" in out
+    assert "--name NAME name to store it under; none keeps the file's own name" in out
+    assert "(default: None)" not in out
     with pytest.raises(SystemExit):
         cli(["weights", "path", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--download" in out and "(default: False)" in out
+    assert "--download" in out and "(default: False)" not in out

@@ -9,7 +9,16 @@ import sys
 from ovdet.errors import OVDetError
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
-COMMANDS = ("detect", "weights")
+COMMANDS = ("detect", "weights", "video", "webcam", "classes", "cache")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False) or the help states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ovdet",
         description="Open-vocabulary object detection: name what to find, get boxes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -18,7 +18,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     group.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
                        help="fp16 inference (default: on for CUDA, off otherwise)")
-    group.add_argument("--imgsz", type=int, default=640, help="inference size in pixels (multiple of 32)")
+    group.add_argument("--imgsz", type=int, default=None,
+                       help="inference size in pixels, a multiple of 32 (default: the size the model was trained "
+                            "at, 640 for the published YOLO-World models)")
     group.add_argument("--conf", type=float, default=0.25, help="minimum confidence of a detection")
     group.add_argument("--iou", type=float, default=0.7, help="IoU threshold of non-maximum suppression")
     group.add_argument("--max-det", type=int, default=300, help="most detections kept per image")
@@ -26,7 +28,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_classes_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", required=True,
-                        help='what to find, comma-separated, e.g. "person,bus,red backpack"')
+                        help='what to find: comma-separated names, e.g. "person,bus,red backpack"; '
+                             '"person|man|woman" makes synonyms one class, "!reflection" drops boxes that match '
+                             'it best; or a class file (.yaml/.json, see samples/classes/)')
 
 
 def build_detector(args: argparse.Namespace) -> OVDetector:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 
+from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
 from ovdet.draw import draw
 from ovdet.errors import ImageError
@@ -18,7 +19,7 @@ from ovdet.sources import load_image
 def add_parser(sub) -> argparse.ArgumentParser:
     parser = sub.add_parser("detect", help="detect named classes in images",
                             description="Detect the named classes in each image and print the boxes.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     add_classes_option(parser)
     add_model_options(parser)

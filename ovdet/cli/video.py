@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
 from ovdet.video import process_video
 
@@ -14,7 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                             description="Detect the named classes in every frame of a video (or stream URL); "
                                         "write an annotated video with the input's size and fps, and/or one "
                                         "JSON line per frame.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("input", metavar="INPUT", help="video file (or RTSP/HTTP URL)")
     add_classes_option(parser)
     parser.add_argument("--out", default=None,

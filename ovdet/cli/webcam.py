@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
 from ovdet.live import HELP, run_live
 
@@ -11,7 +12,7 @@ from ovdet.live import HELP, run_live
 def add_parser(sub) -> argparse.ArgumentParser:
     parser = sub.add_parser("webcam", help="live detection on a camera or stream",
                             description=f"Live open-vocabulary detection in a window. {HELP}.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--source", default="0",
                         help="camera index, RTSP/HTTP URL, or a video file played as if live")
     add_classes_option(parser)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovdet import weights
+from ovdet.cli import HelpFormatter
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,26 +14,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "weights",
         help="list, locate or import model weights",
         description=f"Manage model weights. Files live in $OVDET_HOME/weights (now {weights.weights_dir()}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     actions = parser.add_subparsers(dest="weights_action", metavar="ACTION")
     actions.required = True
     actions.add_parser(
         "list",
         help="show every known model and where it is stored locally",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     path = actions.add_parser(
         "path",
         help="print the local file of a model name",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     path.add_argument("name", metavar="NAME", help="model name (see `ovdet weights list`) or file path")
     path.add_argument("--download", action="store_true", help="download the file when it is missing and online")
     imp = actions.add_parser(
         "import",
         help="copy a downloaded weights file into the ovdet cache so it resolves by name",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     imp.add_argument("path", metavar="PATH", help="the .pt file to import")
     imp.add_argument("--name", default=None, help="name to store it under; none keeps the file's own name")

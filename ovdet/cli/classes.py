@@ -1,0 +1,72 @@
+"""`ovdet classes show|encode`: check a class specification, precompute its text embeddings into the cache."""
+
+from __future__ import annotations
+
+import argparse
+
+from ovdet.cli import HelpFormatter
+from ovdet.prompts import REDUCTIONS, ClassSpec, parse_classes
+
+_SPEC_HELP = ('a class file (.yaml/.yml/.json) or a comma-separated list with inline syntax, e.g. '
+              '"person|man|woman,helmet,!reflection" (| joins synonyms, ! marks a negative prompt)')
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `classes` command and its two actions."""
+    parser = sub.add_parser("classes", help="show a class specification or precompute its embeddings",
+                            description="Parse class specifications and fill the embedding cache.",
+                            formatter_class=HelpFormatter)
+    actions = parser.add_subparsers(dest="classes_action", metavar="ACTION")
+    actions.required = True
+    for name, help_text in (("show", "print the parsed classes: name, threshold, phrasings, negatives"),
+                            ("encode", "encode every prompt into the embedding cache, so later runs skip the "
+                                       "text tower")):
+        action = actions.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=HelpFormatter)
+        action.add_argument("spec", metavar="FILE_OR_LIST", help=_SPEC_HELP)
+        action.add_argument("--templates", action=argparse.BooleanOptionalAction, default=None,
+                            help="average each phrasing over the default prompt templates; unset: as the file says, "
+                                 "else off")
+        action.add_argument("--reduce", choices=REDUCTIONS, default=None,
+                            help="how a class's phrasings combine; unset: as the file says, else max")
+        if name == "encode":
+            action.add_argument("--text-model", default=None,
+                                help="text tower: Hugging Face id, folder or OpenAI ViT-B-32.pt; unset: the tower "
+                                     "in --model's checkpoint, else CLIP ViT-B/32")
+            action.add_argument("--model", default=None,
+                                help="detector whose embedded text tower to use (e.g. an `ovdet train` "
+                                     "checkpoint); unset: only --text-model matters")
+            action.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    return parser
+
+
+def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
+    from ovdet.embedding_cache import EmbeddingCache, LazyTextEncoder
+    from ovdet.world import select_device
+
+    texts, cache = spec.texts(), EmbeddingCache()
+    if args.model is not None:
+        from ovdet.detector import OVDetector
+
+        detector = OVDetector(args.model, text_model=args.text_model, device=args.device)
+        identity = detector.text_identity
+        cached = len(cache.get(identity, texts))
+        detector.set_classes(spec)
+    else:
+        tower = LazyTextEncoder(args.text_model, device=select_device(args.device), cache=cache)
+        identity = tower.identity
+        cached = len(cache.get(identity, texts))
+        tower.encode(texts)
+    print(f"{len(texts)} prompt(s) for {len(spec.classes)} class(es): {cached} already cached, "
+          f"{len(texts) - cached} encoded with {identity}")
+    print(f"cache: {cache.root}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen action."""
+    spec = parse_classes(args.spec, templates=args.templates, reduce=args.reduce)
+    if args.classes_action == "show":
+        print(spec.describe())
+        return 0
+    return _encode(args, spec)
