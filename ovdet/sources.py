@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,7 @@ __all__ = [
     "list_image_files",
     "load_image",
     "prefetch_images",
+    "require_image_files",
 ]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
@@ -40,6 +42,7 @@ ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 _EXIF_ORIENTATION = 0x0112
+_EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "PNG", "WEBP")
 _JPEG_EOI = b"\xff\xd9"
 
 # Strict decoding: a truncated file must raise, not be padded with grey.
@@ -145,7 +148,7 @@ def _from_file(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = _pil_open(io.BytesIO(data))
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in _EXIF_FORMATS else 1
             fast = (
                 img.format == "JPEG"
                 and img.mode in ("RGB", "L")
@@ -153,7 +156,8 @@ def _from_file(path: Path) -> np.ndarray:
                 and data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
             )
             if fast:
-                out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+                flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+                out = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
                 if out is not None:
                     return out
             img.load()
@@ -183,8 +187,6 @@ def _pil_open(fp: io.BytesIO) -> Image.Image:
     """PIL's own Image.open, not ultralytics' patched one (which pip-installs pi-heif on unknown files)."""
     opener = Image.open
     if getattr(opener, "__module__", "") == "ultralytics.utils.patches":
-        import sys
-
         opener = getattr(sys.modules["ultralytics.utils.patches"], "_image_open", opener)
     return opener(fp)
 
@@ -250,13 +252,23 @@ def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> list[
     """All image files under `folder` (see iter_image_files); raises DatasetError if there are none."""
     files = list(iter_image_files(folder, recursive=recursive))
     if not files:
-        where = "or its subfolders " if recursive else ""
-        raise DatasetError(
-            f"{folder}: no image files found in the folder {where}(looked for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to a folder that contains images"
-            + ("" if recursive else " or drop --no-recursive")
-        )
+        raise _no_images(folder, recursive)
     return files
+
+
+def require_image_files(folder: str | os.PathLike, recursive: bool = True) -> None:
+    """Raise DatasetError unless `folder` holds at least one image file (stops at the first one found)."""
+    if next(iter_image_files(folder, recursive=recursive), None) is None:
+        raise _no_images(folder, recursive)
+
+
+def _no_images(folder: str | os.PathLike, recursive: bool) -> DatasetError:
+    where = "or its subfolders " if recursive else ""
+    return DatasetError(
+        f"{folder}: no image files found in the folder {where}(looked for "
+        f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to a folder that contains images"
+        + ("" if recursive else " or drop --no-recursive")
+    )
 
 
 @dataclass

@@ -1,0 +1,369 @@
+"""`annotate_folder`: pseudo-label a folder of images into COCO / YOLO / VOC / JSONL datasets, resumably.
+
+Images are decoded in background threads (ovdet.sources.prefetch_images) while the detector runs on
+batches. Every finished image is appended to `predictions.jsonl` (the journal) after its per-image
+files (YOLO txt, VOC xml, preview) are in place; the COCO file is rebuilt from the journal at
+checkpoints and at the end. A run killed at any moment and started again with the same arguments
+skips what the journal holds and does the rest, so every image ends up exactly once in every output.
+
+Output folder layout::
+
+    run.json            settings of the run (a resume must match them)
+    predictions.jsonl   one line per image: every detection with class name, score and xyxy box
+    errors.jsonl        one line per file that could not be read: path and reason
+    coco/annotations.json
+    yolo/data.yaml, yolo/images/ (links to the originals), yolo/labels/
+    voc/Annotations/, voc/JPEGImages/ (links to the originals)
+    annotated/          preview JPEGs (with save_annotated)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tqdm import tqdm
+
+from ovdet.errors import DatasetError, ResumeMismatchError
+from ovdet.prompts import parse_classes
+from ovdet.sinks import (
+    FORMATS,
+    CocoWriter,
+    ImageRecord,
+    Journal,
+    PreviewWriter,
+    VocWriter,
+    YoloWriter,
+    atomic_write,
+    read_journal,
+    remove_stale_temp_files,
+    repair_journal,
+)
+from ovdet.sources import LoadedImage, iter_image_files, prefetch_images, require_image_files
+
+__all__ = ["AnnotateSummary", "annotate_folder"]
+
+_MANIFEST = "run.json"
+_JOURNAL = "predictions.jsonl"
+_ERRORS = "errors.jsonl"
+# Everything annotate_folder writes in the output folder (what --overwrite removes, and nothing else).
+_OUTPUTS = (_MANIFEST, _JOURNAL, _ERRORS, "coco", "yolo", "voc", "annotated")
+_MANIFEST_VERSION = 1
+
+
+@dataclass
+class AnnotateSummary:
+    """What one annotate_folder call did."""
+
+    source: str
+    out: str
+    images_found: int
+    images_done: int  # annotated by this call
+    images_already_done: int  # found finished in the journal of an earlier, interrupted call
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+    detections_per_class: dict[str, int] = field(default_factory=dict)  # by this call
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """One-line human summary."""
+        n_det = sum(self.detections_per_class.values())
+        per_class = ", ".join(f"{k} {v}" for k, v in self.detections_per_class.items() if v)
+        parts = [f"annotated {self.images_done} image{'s' if self.images_done != 1 else ''}"]
+        if self.images_already_done:
+            parts.append(f"{self.images_already_done} already done")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped (see {Path(self.out) / _ERRORS})")
+        return (
+            f"{'; '.join(parts)} in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s); "
+            f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {self.out}"
+        )
+
+
+def annotate_folder(
+    src: str | os.PathLike,
+    classes: str | Sequence[str],
+    out: str | os.PathLike,
+    formats: str | Sequence[str] = FORMATS,
+    detector: Any | Callable[[], Any] | None = None,
+    model: str | os.PathLike = "yolov8s-worldv2",
+    text_model: Any = None,
+    device: str = "auto",
+    half: bool | None = None,
+    imgsz: int | None = None,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    batch: int = 8,
+    save_annotated: bool = False,
+    recursive: bool = True,
+    overwrite: bool = False,
+    quiet: bool = False,
+    workers: int | None = None,
+    checkpoint_s: float = 60.0,
+) -> AnnotateSummary:
+    """Detect `classes` in every image under `src` and write the datasets named in `formats` to `out`.
+
+    `detector` is an OVDetector (or a zero-argument function returning one, called only after the
+    folders have been checked); without it one is built from model/text_model/device/half/imgsz.
+    `formats` is any of "coco", "yolo", "voc", "jsonl" (list or comma-separated string); the JSONL
+    journal `predictions.jsonl` is always written because resuming relies on it. Re-running with the
+    same arguments resumes an interrupted run; different classes, model or settings raise
+    ResumeMismatchError unless `overwrite` (which deletes the previous outputs first).
+    Raises DatasetError up front for a missing or empty input folder, or an output folder inside it.
+    """
+    src_path, out_path = Path(src), Path(out)
+    _check_folders(src_path, out_path)
+    fmts = _parse_formats(formats)
+    if batch < 1:
+        raise DatasetError(f"batch must be at least 1, got {batch}")
+    spec = parse_classes(classes)
+    names = list(spec.names)
+    require_image_files(src_path, recursive=recursive)
+
+    if detector is None:
+        from ovdet.detector import OVDetector
+
+        kwargs = {} if imgsz is None else {"imgsz": imgsz}
+        detector = OVDetector(model, text_model=text_model, device=device, half=half, **kwargs)
+    elif callable(detector) and not hasattr(detector, "detect_batch"):
+        detector = detector()
+    if getattr(detector, "class_spec", None) != spec:
+        detector.set_classes(spec)
+
+    settings = {
+        "source": str(src_path.resolve()),
+        "recursive": bool(recursive),
+        "classes": json.loads(json.dumps(dataclasses.asdict(spec))),  # phrasings, thresholds, negatives too
+        "model": detector.model_id,
+        "text_model": detector.text_identity,
+        "imgsz": imgsz if imgsz is not None else getattr(detector, "imgsz", None),
+        "conf": float(conf),
+        "iou": float(iou),
+        "max_det": int(max_det),
+        "formats": list(fmts),
+        "save_annotated": bool(save_annotated),
+    }
+    _prepare_output(out_path, settings, overwrite)
+
+    run = _Run(out_path, names, settings, fmts, save_annotated, checkpoint_s)
+    try:
+        done = run.load_journal()
+        # Two walks instead of a list of every path: memory stays flat however large the folder is.
+        found = already = 0
+        for f in iter_image_files(src_path, recursive=recursive):
+            found += 1
+            already += f.relative_to(src_path).as_posix() in done
+        pending = (f for f in iter_image_files(src_path, recursive=recursive)
+                   if f.relative_to(src_path).as_posix() not in done)
+        bar = tqdm(total=found, initial=already, unit="img", desc="annotate", disable=quiet,
+                   dynamic_ncols=True, smoothing=0.05)
+        detect_kwargs: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
+        if imgsz is not None:
+            detect_kwargs["imgsz"] = imgsz
+        start = time.perf_counter()
+        chunk: list[LoadedImage] = []
+        with bar:
+            for item in prefetch_images(pending, workers=workers, ahead=max(2 * batch, 8)):
+                if item.error is not None:
+                    run.record_error(item, src_path)
+                    bar.update(1)
+                    continue
+                chunk.append(item)
+                if len(chunk) == batch:
+                    run.process(chunk, detector.detect_batch(
+                        [c.image for c in chunk], **detect_kwargs), src_path)
+                    bar.update(len(chunk))
+                    chunk = []
+                    run.maybe_checkpoint()
+            if chunk:
+                run.process(chunk, detector.detect_batch([c.image for c in chunk], **detect_kwargs), src_path)
+                bar.update(len(chunk))
+            run.finish()
+        seconds = time.perf_counter() - start
+    finally:
+        run.close()
+    return AnnotateSummary(
+        source=str(src_path), out=str(out_path), images_found=found, images_done=run.images_done,
+        images_already_done=already, skipped=run.skipped,
+        detections_per_class={n: run.counts.get(i, 0) for i, n in enumerate(names)}, seconds=seconds,
+    )
+
+
+def _check_folders(src: Path, out: Path) -> None:
+    if not src.exists():
+        raise DatasetError(f"{src}: input folder does not exist; check the path")
+    if not src.is_dir():
+        raise DatasetError(f"{src}: is a file, not a folder; annotate takes a folder of images")
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise DatasetError(
+            f"output folder {out} is inside the input folder {src}: its previews and links would be "
+            "picked up as input; choose an --out folder outside the input folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: output path exists and is a file; choose a folder")
+    if out.is_dir() and not (out / _MANIFEST).exists() and any(out.iterdir()):
+        raise DatasetError(
+            f"{out}: folder is not empty and holds no ovdet annotate run; choose an empty or new "
+            "--out folder (--overwrite deletes only ovdet's own output files, so it does not help here)"
+        )
+
+
+def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    fmts = tuple(dict.fromkeys(str(f).strip().lower() for f in items if str(f).strip()))
+    unknown = [f for f in fmts if f not in FORMATS]
+    if unknown or not fmts:
+        raise DatasetError(
+            f"unknown output format {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(FORMATS)} (comma-separated)"
+        )
+    return fmts
+
+
+def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Clear (overwrite), check (resume) or create the output folder, then write run.json."""
+    manifest = out / _MANIFEST
+    if out.exists():
+        if overwrite:
+            for name in _OUTPUTS:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        elif manifest.exists():
+            try:
+                previous = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{manifest}: unreadable ({exc}); pass --overwrite to start over") from exc
+            old = previous.get("settings", {})
+            diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            if diffs:
+                raise ResumeMismatchError(
+                    f"{out} holds an earlier annotate run with other settings ({'; '.join(diffs)}). "
+                    "Re-run with the same settings to resume it, pass --overwrite to start over, "
+                    "or choose another --out folder."
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    atomic_write(manifest, json.dumps({"version": _MANIFEST_VERSION, "settings": settings},
+                                      ensure_ascii=False, indent=2) + "\n")
+
+
+class _Run:
+    """The writers of one annotate call and the bookkeeping between them."""
+
+    def __init__(self, out: Path, classes: list[str], settings: dict[str, Any], formats: tuple[str, ...],
+                 save_annotated: bool, checkpoint_s: float):
+        self.out, self.classes = out, classes
+        self.journal_path = out / _JOURNAL
+        self.writers: list[Any] = []
+        if "yolo" in formats:
+            self.writers.append(YoloWriter(out / "yolo", classes))
+        if "voc" in formats:
+            self.writers.append(VocWriter(out / "voc", classes))
+        self.preview = PreviewWriter(out / "annotated", classes) if save_annotated else None
+        info = {"description": "ovdet annotate", "model": settings["model"], "source": settings["source"]}
+        self.coco = CocoWriter(out / "coco" / "annotations.json", classes, info) if "coco" in formats else None
+        for writer in [*self.writers, self.preview, self.coco]:
+            if writer is not None:
+                writer.start()
+        self.journal: Journal | None = None
+        self.errors: Journal | None = None
+        self.used_keys: set[str] = set()
+        self.counts: Counter[int] = Counter()
+        self.skipped: list[tuple[str, str]] = []
+        self.images_done = 0
+        self.checkpoint_s = checkpoint_s
+        self.last_checkpoint = time.monotonic()
+
+    def load_journal(self) -> set[str]:
+        """Repair the journal, open it for appending and return the images it already holds."""
+        repair_journal(self.journal_path)
+        done: set[str] = set()
+        if self.journal_path.exists():
+            for rec in read_journal(self.journal_path):
+                done.add(rec["image"])
+                self.used_keys.add(rec["key"].lower())
+        self.journal = Journal(self.journal_path)
+        if self.coco is not None:  # the COCO file exists (and matches the journal) from the start
+            self.coco.rebuild(self.journal_path)
+        # Unreadable files are retried on every run, so their old records go.
+        atomic_write(self.out / _ERRORS, b"")
+        self.errors = Journal(self.out / _ERRORS)
+        return done
+
+    def _key(self, rel: str) -> str:
+        """A flat output file stem unique in this run (case-insensitively): sub/dir/a.jpg -> sub__dir__a."""
+        p = PurePosixPath(rel)
+        base = str(p.with_suffix("")).replace("/", "__")
+        candidates = [base, f"{base}_{p.suffix.lstrip('.').lower()}"]
+        n = 2
+        while True:
+            for key in candidates:
+                if key.lower() not in self.used_keys:
+                    self.used_keys.add(key.lower())
+                    return key
+            candidates = [f"{base}_{p.suffix.lstrip('.').lower()}_{n}"]
+            n += 1
+
+    def record_error(self, item: LoadedImage, src: Path) -> None:
+        path = Path(item.source)
+        reason = str(item.error)
+        reason = reason[len(f"{path}: "):] if reason.startswith(f"{path}: ") else reason  # path has its own key
+        self.errors.append({"image": path.relative_to(src).as_posix(), "path": os.path.abspath(path),
+                            "reason": reason})
+        self.skipped.append((str(path), reason))
+
+    def process(self, chunk: list[LoadedImage], results: list[Any], src: Path) -> None:
+        """Write every output of each image, journal entry last (it marks the image as done)."""
+        if len(results) != len(chunk):
+            raise RuntimeError(f"the detector returned {len(results)} results for {len(chunk)} images")
+        for item, dets in zip(chunk, results):
+            path = Path(item.source)
+            rel = path.relative_to(src).as_posix()
+            rec = ImageRecord.from_detections(rel, os.path.abspath(path), self._key(rel), item.image.shape, dets)
+            for writer in self.writers:
+                writer.write(rec)
+            if self.preview is not None:
+                self.preview.write(rec, item.image)
+            self.journal.append(rec.to_json(self.classes))
+            self.counts.update(rec.class_ids.tolist())
+            self.images_done += 1
+
+    def maybe_checkpoint(self) -> None:
+        """Every checkpoint_s seconds: fsync the journal and refresh the COCO file from it."""
+        if time.monotonic() - self.last_checkpoint < self.checkpoint_s:
+            return
+        began = time.monotonic()
+        self._checkpoint()
+        # Keep checkpoints at most ~5% of the run even when the COCO file gets large.
+        self.checkpoint_s = max(self.checkpoint_s, 20 * (time.monotonic() - began))
+        self.last_checkpoint = time.monotonic()
+
+    def _checkpoint(self) -> None:
+        self.journal.sync()
+        self.errors.sync()
+        if self.coco is not None:
+            self.coco.rebuild(self.journal_path, end=self.journal.size())
+
+    def finish(self) -> None:
+        self._checkpoint()
+
+    def close(self) -> None:
+        for j in (self.journal, self.errors):
+            if j is not None:
+                j.close()

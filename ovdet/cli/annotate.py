@@ -1,0 +1,45 @@
+"""`ovdet annotate SRC --classes ... --out DIR`: pseudo-label a folder of images into datasets, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ovdet.annotate import annotate_folder
+from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.sinks import FORMATS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "annotate", help="label a folder of images into COCO / YOLO / VOC / JSONL datasets",
+        description="Detect the named classes in every image of a folder and write training-ready datasets. "
+                    "Unreadable files are listed in OUT/errors.jsonl and skipped. An interrupted run resumes "
+                    "where it stopped when started again with the same command.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="folder of images (jpg, jpeg, png, bmp, webp, tif, tiff)")
+    add_classes_option(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not be inside SRC)")
+    p.add_argument("--format", default=",".join(FORMATS), metavar="FMT[,FMT...]",
+                   help=f"datasets to write, comma-separated, from {', '.join(FORMATS)} "
+                        "(predictions.jsonl is always written: resuming relies on it)")
+    p.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    p.add_argument("--save-annotated", action="store_true", help="also write preview JPEGs with boxes to OUT/annotated")
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="include images in subfolders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the outputs of an earlier run in OUT and start over (needed to change settings)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    add_model_options(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = annotate_folder(
+        args.src, args.classes, args.out, formats=args.format, detector=lambda: build_detector(args),
+        imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch,
+        save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
+    )
+    if not args.quiet:
+        print(summary.line(), file=sys.stderr)
+    return 0
