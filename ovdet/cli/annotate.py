@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ovdet.cli import HelpFormatter
 from ovdet.annotate import annotate_folder
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
 from ovdet.sinks import FORMATS
@@ -16,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Detect the named classes in every image of a folder and write training-ready datasets. "
                     "Unreadable files are listed in OUT/errors.jsonl and skipped. An interrupted run resumes "
                     "where it stopped when started again with the same command.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("src", metavar="SRC", help="folder of images (jpg, jpeg, png, bmp, webp, tif, tiff)")
     add_classes_option(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not be inside SRC)")
