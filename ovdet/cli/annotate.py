@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ovdet.cli import HelpFormatter
 from ovdet.annotate import annotate_folder
+from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
 from ovdet.sinks import FORMATS
 
