@@ -267,7 +267,7 @@ class _Session:
             self.echo(f"classes unchanged: {exc}")
             return
         self.report.class_changes.append(names)
-        self.echo(f"classes: {', '.join(names)}")
+        self.echo(f"classes: {', '.join(self.detector.classes)}")
 
     def _start_recording(self, path: Path) -> None:
         self.recorder = Recorder(path, None if self.capture.live else self.capture.fps)

@@ -9,7 +9,7 @@ import sys
 from ovdet.errors import OVDetError
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
-COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "classes", "cache")
+COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "train", "eval", "synth", "classes", "cache")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

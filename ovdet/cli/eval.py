@@ -1,0 +1,50 @@
+"""`ovdet eval DATA`: mAP50 and mAP50-95 of a detector on a labelled YOLO or COCO dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ovdet.cli import HelpFormatter
+from ovdet.cli._common import add_model_options
+from ovdet.detector import OVDetector, parse_class_names
+from ovdet.evaluate import evaluate, load_dataset, parse_mapping
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="score a detector on a labelled dataset (mAP50, mAP50-95)",
+                       description="Run the detector over a labelled YOLO (data.yaml) or COCO (.json) dataset and "
+                                   "print COCO-style mAP50 and mAP50-95, overall and per class. Dataset class names "
+                                   "are used as prompts unless --map says otherwise.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("data", metavar="DATA", help="YOLO data.yaml, COCO annotations .json, or a folder holding one")
+    p.add_argument("--split", default="val", help="split of a YOLO data.yaml to score (train, val or test)")
+    p.add_argument("--classes", default=None,
+                   help="prompts to give the detector, comma-separated (default: the dataset's class names after "
+                        "--map); dataset classes whose prompt is not listed are left out of the score")
+    p.add_argument("--map", default=None, metavar="NAME=PROMPT,...",
+                   help='prompt for a dataset class, e.g. "person=a pedestrian,car=a car"')
+    p.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    add_model_options(p)
+    p.set_defaults(conf=0.001)  # mAP integrates over all confidences: keep low-scoring boxes
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    dataset = load_dataset(args.data, split=args.split)
+    mapping = parse_mapping(args.map, dataset.names)
+    classes = parse_class_names(args.classes) if args.classes else None
+    det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
+                     imgsz=args.imgsz, max_det=args.max_det)
+    result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
+                      batch=args.batch)
+    if args.json:
+        print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, **result.to_dict()}))
+    else:
+        print(result.table())
+        print(f"mAP50 {result.map50:.3f}  mAP50-95 {result.map50_95:.3f}  ({result.images} images, "
+              f"{result.instances} instances, model {det.model_id})")
+        if result.skipped:
+            print(f"skipped {len(result.skipped)} unreadable image(s)")
+    return 0

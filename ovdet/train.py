@@ -1,0 +1,216 @@
+"""Fine-tune (or train from a yaml config) a YOLO-World detector with ultralytics, class texts encoded by ovdet."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from ultralytics.models.yolo.world import train as world_train
+from ultralytics.nn.tasks import WorldModel
+from ultralytics.utils import DEFAULT_CFG
+
+from ovdet.errors import DatasetError, ModelError
+from ovdet.evaluate import LabelledDataset, load_dataset
+from ovdet.text import TextEncoder
+from ovdet.world import TEXT_ENCODER_KEY, select_device
+
+METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)",
+               "mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
+
+
+class OVDetWorldTrainer(world_train.WorldTrainer):
+    """ultralytics' WorldTrainer with class-name embeddings from an ovdet TextEncoder instead of the `clip` package."""
+
+    def __init__(self, text_encoder: TextEncoder, cfg: Any = DEFAULT_CFG, overrides: dict | None = None,
+                 _callbacks: dict | None = None):
+        super().__init__(cfg, overrides, _callbacks)
+        self.text_encoder = text_encoder
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> WorldModel:
+        model = super().get_model(cfg, weights, verbose)
+        dim = int(model.txt_feats.shape[-1])
+        if self.text_encoder.dim != dim:
+            raise ModelError(f"The text tower gives {self.text_encoder.dim}-d embeddings but this detector expects "
+                             f"{dim}-d: use a text tower with projection_dim={dim}.")
+        # ultralytics' callback sets the EMA model's classes through its CLIP path; ours uses the text tower
+        hooks = self.callbacks["on_pretrain_routine_end"]
+        hooks[:] = [h for h in hooks if h is not world_train.on_pretrain_routine_end]
+        if _set_eval_classes not in hooks:
+            hooks.append(_set_eval_classes)
+        return model
+
+    def generate_text_embeddings(self, texts: list[str], batch: int, cache_dir: Path) -> dict[str, torch.Tensor]:
+        """Embeddings of every class text in the training set (kept in memory; never cached next to the data)."""
+        emb = self.text_encoder.encode(texts).float().to(self.device)
+        return dict(zip(texts, emb))
+
+
+def _set_eval_classes(trainer: OVDetWorldTrainer) -> None:
+    """Give the EMA model (what validation and the checkpoints use) the dataset's class embeddings."""
+    names = [n.split("/", 1)[0] for n in trainer.test_loader.dataset.data["names"].values()]
+    ema = trainer.ema.ema
+    ema.txt_feats = trainer.text_encoder.encode(names).float().to(trainer.device)[None]
+    ema.model[-1].nc = len(names)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path  # OUT/model.pt: loadable by OVDetector(model=...)
+    metrics: dict[str, float]  # precision, recall, mAP50, mAP50-95 of the best epoch on the val split
+    epochs: int
+    seconds: float
+
+
+def _ultralytics_device(device: str | torch.device) -> str:
+    dev = select_device(device)
+    if dev.type == "cuda":
+        return str(dev.index or 0)
+    return dev.type
+
+
+def _write_yolo_copy(dataset: LabelledDataset, split_dir: Path) -> None:
+    """Link the images of a (COCO) dataset under split_dir/images and write YOLO labels under split_dir/labels."""
+    from PIL import Image
+
+    for sub in ("images", "labels"):
+        (split_dir / sub).mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(dataset.images):
+        if not image.path.is_file():
+            raise DatasetError(f"{dataset.source}: image {image.path} does not exist.")
+        name = f"{i:06d}_{image.path.stem}"
+        link = split_dir / "images" / f"{name}{image.path.suffix}"
+        link.symlink_to(image.path.resolve())
+        with Image.open(image.path) as im:
+            w, h = im.size
+        rows = []
+        for (x1, y1, x2, y2), c in zip(image.boxes.tolist(), image.class_ids.tolist()):
+            rows.append(f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+        (split_dir / "labels" / f"{name}.txt").write_text("".join(r + "\n" for r in rows))
+
+
+def prepare_data(data: str | Path, out: Path, classes: Sequence[str] | None = None,
+                 val_data: str | Path | None = None) -> tuple[Path, list[str]]:
+    """A data.yaml ultralytics can train on, and the class texts it trains with.
+
+    YOLO data.yaml is used as is unless `classes` renames its classes; a COCO .json is converted (images linked,
+    labels written) under out/data. `classes` gives the prompt of each class id, in order.
+    """
+    train_set = load_dataset(data, split="train")
+    names = list(classes) if classes else train_set.names
+    if len(names) != len(train_set.names):
+        raise DatasetError(f"{len(names)} class names given for {len(train_set.names)} dataset classes "
+                           f"({train_set.names}): give one per class, in class-id order.")
+    source = Path(train_set.source)
+    if source.suffix in (".yaml", ".yml") and val_data is None:
+        if not classes:
+            return source, names
+        raw = yaml.safe_load(source.read_text())
+        root = Path(raw.get("path") or source.parent)
+        raw["path"] = str((root if root.is_absolute() else source.parent / root).resolve())
+        raw["names"] = dict(enumerate(names))
+        raw.pop("download", None)
+        out.mkdir(parents=True, exist_ok=True)
+        derived = out / "data.yaml"
+        derived.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return derived, names
+    if source.suffix in (".yaml", ".yml"):
+        raise DatasetError("A separate validation set is only supported for COCO input; a YOLO data.yaml already "
+                           "names its val split.")
+    val_set = load_dataset(val_data) if val_data is not None else train_set
+    if val_set.names != train_set.names:
+        raise DatasetError(f"Train and val datasets have different classes: {train_set.names} vs {val_set.names}.")
+    root = out / "data"
+    if root.exists():
+        shutil.rmtree(root)
+    _write_yolo_copy(train_set, root / "train")
+    _write_yolo_copy(val_set, root / "val")
+    derived = root / "data.yaml"
+    derived.write_text(yaml.safe_dump({"path": str(root.resolve()), "train": "train/images", "val": "val/images",
+                                       "names": dict(enumerate(names))}, sort_keys=False))
+    return derived, names
+
+
+def _is_default_text_model(text_model: Any) -> bool:
+    from ovdet.weights import DEFAULT_TEXT_MODEL, lookup
+
+    if text_model is None:
+        return True
+    spec = lookup(str(text_model)) if isinstance(text_model, str) else None
+    return spec is not None and spec.name == DEFAULT_TEXT_MODEL
+
+
+def _start_model(model: str | Path) -> tuple[str, dict | None]:
+    """What ultralytics should build from (yaml config or resolved .pt) and the text tower that .pt carries."""
+    text = str(model)
+    if text.endswith((".yaml", ".yml")):
+        return text, None
+    from ovdet.weights import resolve_detector
+    from ovdet.world import load_world_checkpoint
+
+    path = resolve_detector(model)
+    _, ckpt = load_world_checkpoint(path)
+    return str(path), ckpt.get(TEXT_ENCODER_KEY)
+
+
+def _half_state(state: dict) -> dict:
+    """The text tower's state with floating tensors stored as fp16 (half the bytes in the checkpoint)."""
+    out = dict(state)
+    out["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    return out
+
+
+def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Path = "runs/ovdet-train",
+          epochs: int = 10, imgsz: int = 640, batch: int = 16, device: str | torch.device = "auto",
+          text_model: str | Path | TextEncoder | None = None, classes: Sequence[str] | None = None,
+          val_data: str | Path | None = None, overwrite: bool = False, **overrides: Any) -> TrainResult:
+    """Train a YOLO-World detector on a YOLO or COCO dataset; writes OUT/model.pt and returns its metrics.
+
+    `model` is a detector name or .pt (fine-tune) or an ultralytics yaml config (from scratch). Class texts are
+    encoded by `text_model` (default: the tower inside the starting checkpoint, else CLIP ViT-B/32); a tower other
+    than the default is stored in the checkpoint (fp16) under "ovdet_text_encoder", and training uses exactly
+    those stored weights. `overrides` are further ultralytics training arguments (lr0=..., mosaic=..., ...).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DatasetError(f"Output folder {out} is not empty: choose a new one or pass overwrite=True "
+                           "(--overwrite).")
+    if epochs < 1:
+        raise DatasetError(f"epochs must be at least 1, got {epochs}.")
+    start, carried = _start_model(model)
+    if isinstance(text_model, TextEncoder):
+        encoder, embed = text_model, True
+    elif text_model is None and carried is not None:
+        encoder, embed = TextEncoder.from_state(carried), True
+    else:
+        from ovdet.weights import resolve_text_model
+
+        encoder = TextEncoder.load(resolve_text_model(text_model))
+        embed = not _is_default_text_model(text_model)
+    text_state = None
+    if embed:  # train with the very weights the checkpoint will hold
+        text_state = _half_state(encoder.to_state())
+        encoder = TextEncoder.from_state(text_state)
+    dev = _ultralytics_device(device)
+    encoder.to(select_device(device))
+    data_yaml, names = prepare_data(data, out, classes, val_data)
+    args = {"plots": False, "workers": 2, **overrides, "model": start, "data": str(data_yaml), "epochs": epochs,
+            "imgsz": imgsz, "batch": batch, "device": dev, "project": str(out.resolve().parent), "name": out.name,
+            "exist_ok": True, "val": True}
+    t0 = time.time()
+    trainer = OVDetWorldTrainer(encoder, overrides=args)
+    trainer.train()
+    seconds = time.time() - t0
+    best = trainer.best if trainer.best.exists() else trainer.last
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    if text_state is not None:
+        ckpt[TEXT_ENCODER_KEY] = text_state
+    checkpoint = out / "model.pt"
+    torch.save(ckpt, checkpoint)
+    metrics = {k: float(trainer.metrics.get(v, float("nan"))) for k, v in METRIC_KEYS.items()}
+    return TrainResult(checkpoint=checkpoint, metrics=metrics, epochs=epochs, seconds=seconds)

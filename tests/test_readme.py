@@ -1,0 +1,205 @@
+"""README.md's runnable code blocks run, against the demo model, so the README cannot rot.
+
+Convention: a line `<!-- runnable -->` right before a ```bash or ```python fence marks that block runnable.
+Each block runs in a fresh temporary folder that holds a copy of samples/ (so `samples/shapes.jpg` works and
+outputs such as `labels/` land there), offline, with its own OVDET_HOME:
+
+- python blocks are exec'd in a fresh namespace;
+- bash blocks run line by line (comments and blank lines skipped, `\\` continuations joined): a line that
+  starts with `ovdet ` runs in-process as `ovdet.cli.main(shlex.split(line)[1:])` and must return 0; any
+  other line (or an `ovdet` line using pipes or redirection) runs with `bash -c` and must exit 0, with
+  `ovdet` defined as `python -m ovdet.cli`. Lines do not share shell state (cd, variables).
+
+Do not mark blocks runnable that need the network, real weights, a camera or a long time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DEMO = ROOT / "ovdet" / "assets" / "demo-world.pt"
+MARKER = "<!-- runnable -->"
+SHELL_OPERATORS = re.compile(r"[|<>;&`$]")
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str  # "bash" or "python"
+    code: str
+    line: int  # 1-based line of the opening fence in the README
+
+    @property
+    def id(self) -> str:
+        return f"{self.lang}-line{self.line}"
+
+
+def runnable_blocks(text: str) -> list[Block]:
+    """The fenced blocks marked runnable; a marker not followed by a bash/python fence is an error."""
+    lines = text.splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        if line.strip() != MARKER:
+            continue
+        fence = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        match = re.fullmatch(r"```(bash|sh|shell|console|python|py)\s*", fence)
+        if not match:
+            raise ValueError(f"README line {i + 1}: {MARKER} must be followed by a ```bash or ```python fence, "
+                             f"got {fence!r}")
+        lang = "python" if match.group(1) in ("python", "py") else "bash"
+        end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == "```"), None)
+        if end is None:
+            raise ValueError(f"README line {i + 2}: the runnable block is never closed")
+        blocks.append(Block(lang, "\n".join(lines[i + 2:end]) + "\n", i + 2))
+    return blocks
+
+
+def shell_commands(code: str) -> list[str]:
+    """The commands of a bash block: continuations joined, comments, blanks and `$ ` prompts dropped."""
+    commands, pending = [], ""
+    for raw in code.splitlines():
+        line = raw.strip()
+        if line.endswith("\\"):
+            pending += line[:-1].rstrip() + " "
+            continue
+        line = (pending + line).strip()
+        pending = ""
+        if line.startswith("$ "):
+            line = line[2:]
+        if line and not line.startswith("#"):
+            commands.append(line)
+    if pending.strip():
+        commands.append(pending.strip())
+    return commands
+
+
+def run_bash_block(block: Block, cwd: Path) -> None:
+    from ovdet.cli import main
+
+    for command in shell_commands(block.code):
+        if command.startswith("ovdet ") and not SHELL_OPERATORS.search(command):
+            try:
+                code = main(shlex.split(command, comments=True)[1:])
+            except SystemExit as exc:  # argparse exits for --help and for usage errors
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            assert code == 0, f"README line {block.line}: `{command}` returned {code}"
+        else:
+            script = f'ovdet() {{ "{sys.executable}" -m ovdet.cli "$@"; }}\nset -eo pipefail\n{command}\n'
+            proc = subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (f"README line {block.line}: `{command}` exited {proc.returncode}\n"
+                                          f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+
+
+def run_python_block(block: Block) -> None:
+    # Line numbers in tracebacks point into the README.
+    exec(compile("\n" * block.line + block.code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def run_block(block: Block, cwd: Path) -> None:
+    if block.lang == "python":
+        run_python_block(block)
+    else:
+        run_bash_block(block, cwd)
+
+
+@pytest.fixture
+def readme_cwd(tmp_path, monkeypatch) -> Path:
+    """A fresh working folder with a copy of samples/, made the current directory."""
+    shutil.copytree(ROOT / "samples", tmp_path / "samples")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _real_blocks() -> list[Block]:
+    return runnable_blocks(README.read_text(encoding="utf-8")) if README.exists() else []
+
+
+# --- the parser and runner, on a made-up README -------------------------------------------------
+
+FIXTURE = f"""# Demo
+
+Not runnable:
+
+```bash
+ovdet webcam --classes person
+```
+
+{MARKER}
+```bash
+# detect shapes
+ovdet --help
+ovdet detect samples/shapes.jpg --model demo --imgsz 160 \\
+    --classes "red circle,blue square" --json > shapes.jsonl
+test -s shapes.jsonl
+ovdet detect samples/shapes.jpg --model demo --imgsz 160 --classes "green triangle"
+```
+
+{MARKER}
+```python
+from pathlib import Path
+Path("from_python.txt").write_text("ok")
+```
+"""
+
+
+def test_parser_finds_marked_blocks_only():
+    blocks = runnable_blocks(FIXTURE)
+    assert [(b.lang, b.line) for b in blocks] == [("bash", 10), ("python", 20)]
+    assert shell_commands(blocks[0].code) == [
+        "ovdet --help",
+        'ovdet detect samples/shapes.jpg --model demo --imgsz 160 --classes "red circle,blue square" --json > '
+        "shapes.jsonl",
+        "test -s shapes.jsonl",
+        'ovdet detect samples/shapes.jpg --model demo --imgsz 160 --classes "green triangle"',
+    ]
+
+
+def test_parser_rejects_a_marker_without_a_code_fence():
+    with pytest.raises(ValueError, match="line 3"):
+        runnable_blocks(f"text\n\n{MARKER}\nsome prose\n")
+    with pytest.raises(ValueError, match="never closed"):
+        runnable_blocks(f"{MARKER}\n```python\nprint(1)\n")
+
+
+def test_runner_reports_a_failing_command(readme_cwd):
+    bad = Block("bash", "ovdet detect samples/shapes.jpg --model no-such-model --classes x\n", 1)
+    with pytest.raises(AssertionError, match="returned 2"):
+        run_bash_block(bad, readme_cwd)
+    with pytest.raises(AssertionError, match="returned 2"):  # argparse usage error
+        run_bash_block(Block("bash", "ovdet detect --no-such-option\n", 1), readme_cwd)
+    with pytest.raises(AssertionError, match="exited 1"):
+        run_bash_block(Block("bash", "false\n", 1), readme_cwd)
+    with pytest.raises(ZeroDivisionError):
+        run_python_block(Block("python", "1 / 0\n", 1))
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason=f"demo model {DEMO} is missing (built by the train issue)")
+def test_runner_runs_the_fixture_blocks(readme_cwd):
+    for block in runnable_blocks(FIXTURE):
+        run_block(block, readme_cwd)
+    assert '"detections"' in (readme_cwd / "shapes.jsonl").read_text()
+    assert (readme_cwd / "from_python.txt").read_text() == "ok"
+
+
+# --- the real README ----------------------------------------------------------------------------
+
+def test_readme_has_runnable_blocks():
+    assert README.exists(), "README.md is missing"
+    assert _real_blocks(), f"README.md marks no code block runnable (put `{MARKER}` right before a fence)"
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason=f"demo model {DEMO} is missing (built by the train issue)")
+@pytest.mark.parametrize("block", _real_blocks(), ids=lambda b: b.id)
+def test_readme_block_runs(block, readme_cwd):
+    assert os.environ.get("OVDET_OFFLINE") == "1"  # conftest: offline, private OVDET_HOME
+    run_block(block, readme_cwd)
