@@ -147,7 +147,7 @@ def annotate_folder(
         "recursive": bool(recursive),
         "classes": json.loads(json.dumps(dataclasses.asdict(spec))),  # phrasings, thresholds, negatives too
         "model": detector.model_id,
-        "text_model": detector.text_identity,
+        "text_model": detector.embeddings_source,
         "imgsz": imgsz if imgsz is not None else getattr(detector, "imgsz", None),
         "conf": float(conf),
         "iou": float(iou),

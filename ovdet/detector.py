@@ -15,6 +15,7 @@ from ovdet.errors import ClassSpecError, ModelError
 from ovdet.prompts import ClassSpec, parse_classes
 from ovdet.sources import load_image
 from ovdet.text import TextEncoder
+from ovdet.weights import state_digest
 from ovdet.world import WorldDetector
 
 
@@ -50,6 +51,7 @@ class OVDetector:
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self._text = LazyTextEncoder(text_model, device=self.device, embedded_state=self.world.text_encoder_state)
         self._spec: ClassSpec | None = None
+        self._embeddings_source: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +73,12 @@ class OVDetector:
         return self._text.identity
 
     @property
+    def embeddings_source(self) -> str | None:
+        """Where the current class embeddings came from: the text tower's identity (set_classes), or a digest of
+        the embeddings given to set_embeddings. Lets a long job refuse to resume with another text model."""
+        return self._embeddings_source
+
+    @property
     def classes(self) -> list[str]:
         return [] if self._spec is None else self._spec.names
 
@@ -85,7 +93,8 @@ class OVDetector:
         syntax ("person|man" synonyms, "!reflection" negatives), a .yaml/.json class file, or a ClassSpec (see
         ovdet.prompts). Cached prompt embeddings are reused; the text tower is loaded only for new prompts."""
         spec = parse_classes(classes, templates=templates, reduce=reduce)
-        self.set_embeddings(spec, spec.embed(self._text.encode))
+        embeddings = spec.embed(self._text.encode)
+        self._use(spec, embeddings, source=self._text.identity)
 
     def set_embeddings(self, names: Sequence[str] | ClassSpec, embeddings: torch.Tensor) -> None:
         """Use precomputed text embeddings (skips the text tower): [C, D] for C class names, or for a ClassSpec
@@ -94,13 +103,16 @@ class OVDetector:
             spec = parse_classes(names)  # checked like a parsed one
         else:
             spec = ClassSpec.from_names(parse_class_names(list(names)))
+        self._use(spec, embeddings, source=f"given@{state_digest({'embeddings': embeddings.float()})}")
+
+    def _use(self, spec: ClassSpec, embeddings: torch.Tensor, source: str) -> None:
         if len(spec.columns) != len(embeddings):
             what = "class names" if spec.is_plain else "phrasings (ClassSpec.columns)"
             raise ClassSpecError(f"{len(spec.columns)} {what} but {len(embeddings)} embeddings: give one per "
                                  f"{'class' if spec.is_plain else 'phrasing'}.")
         columns = None if spec.is_plain else [c for _, c in spec.columns]
         self.world.set_text_embeddings(embeddings, columns=columns, reduce=spec.reduce)
-        self._spec = spec
+        self._spec, self._embeddings_source = spec, source
 
     def detect(self, image: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
                imgsz: int | None = None) -> sv.Detections:

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import random_world_model, scene
+from conftest import random_embeddings, random_world_model, scene
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import DatasetError, ResumeMismatchError
@@ -34,7 +34,7 @@ class FakeDetector:
     def __init__(self, model_id: str = "fake@1", fail_after: int | None = None):
         self.classes: list[str] = []
         self.model_id = model_id
-        self.text_identity = "fake-text@1"
+        self.embeddings_source = "fake-text@1"
         self.imgsz = 64
         self.fail_after = fail_after
         self.calls = 0
@@ -168,6 +168,7 @@ def test_every_format_parses_back_with_unicode_class_names(tiny_detector, tmp_pa
     settings = json.loads((out / "run.json").read_text(encoding="utf-8"))["settings"]
     assert [c["name"] for c in settings["classes"]["classes"]] == CLASSES
     assert settings["model"] == tiny_detector.model_id and settings["text_model"] == tiny_detector.text_identity
+    assert tiny_detector.embeddings_source == tiny_detector.text_identity
 
 
 # ------------------------------------------------------------------ bad input
@@ -258,6 +259,20 @@ def test_clear_errors_up_front(tmp_path, case):
 
 
 # ------------------------------------------------------------------ resume
+
+
+def test_given_embeddings_need_no_text_tower_and_are_checked_on_resume(tiny_world_checkpoint, tmp_path):
+    from ovdet import OVDetector
+
+    det = OVDetector(tiny_world_checkpoint, device="cpu", imgsz=160)  # its default CLIP tower is not here (offline)
+    det.set_embeddings(CLASSES, random_embeddings(len(CLASSES), seed=0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_images(src, 2)
+    summary = annotate_folder(src, CLASSES, out, detector=det, conf=0.0, max_det=2, quiet=True)
+    assert summary.images_done == 2
+    det.set_embeddings(CLASSES, random_embeddings(len(CLASSES), seed=1))
+    with pytest.raises(ResumeMismatchError, match="text_model"):
+        annotate_folder(src, CLASSES, out, detector=det, conf=0.0, max_det=2, quiet=True)
 
 
 def test_class_specs_keep_the_users_names(tiny_detector, tmp_path):
