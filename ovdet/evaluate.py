@@ -171,8 +171,8 @@ def _load_yolo(path: Path, split: str) -> LabelledDataset:
     if not entries:
         raise DatasetError(f"{path} has no '{split}' split: choose one of "
                            f"{[k for k in ('train', 'val', 'test') if data.get(k)]} with --split.")
-    root = Path(data.get("path") or path.parent)
-    root = root if root.is_absolute() else path.parent / root
+    root = Path(data["path"]) if data.get("path") else path.parent
+    root = root if root.is_absolute() or not data.get("path") else path.parent / root
     files = [f for e in (entries if isinstance(entries, list) else [entries])
              for f in _yolo_image_files(str(e), root, path)]
     images = []
