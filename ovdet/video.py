@@ -133,12 +133,8 @@ class _Writer:
 
     def put(self, result: Result) -> None:
         """Queue one result; raises the writer's error if it failed."""
-        while self._thread.is_alive():
-            try:
-                self._queue.put(result, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if self._offer(result):
+            return
         self.abort()
         raise self._error or VideoOutputError("The video writer stopped unexpectedly.")
 
@@ -160,13 +156,18 @@ class _Writer:
                 self._video = open_writer(self._parts[self._out], self._fps, (width, height))
             self._video.write(self._annotate(frame.image, dets))
 
-    def _close(self) -> None:
+    def _offer(self, item: Result | None) -> bool:
+        """Queue an item (None: stop) unless the writer thread has died; True once queued."""
         while self._thread.is_alive():
             try:
-                self._queue.put(None, timeout=0.1)
-                break
+                self._queue.put(item, timeout=0.1)
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def _close(self) -> None:
+        self._offer(None)
         self._thread.join()
         if self._video is not None:
             self._video.release()
