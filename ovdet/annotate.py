@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ovdet.errors import DatasetError, ResumeMismatchError
 from ovdet.prompts import parse_classes
+from ovdet.runlock import LOCK_NAME, lock_output
 from ovdet.sinks import (
     FORMATS,
     CocoWriter,
@@ -132,68 +133,70 @@ def annotate_folder(
     names = list(spec.names)
     require_image_files(src_path, recursive=recursive)
 
-    if detector is None:
-        from ovdet.detector import OVDetector
+    # One writer per output folder, held before the (slow) model load so a second run fails at once.
+    with lock_output(out_path):
+        if detector is None:
+            from ovdet.detector import OVDetector
 
-        kwargs = {} if imgsz is None else {"imgsz": imgsz}
-        detector = OVDetector(model, text_model=text_model, device=device, half=half, **kwargs)
-    elif callable(detector) and not hasattr(detector, "detect_batch"):
-        detector = detector()
-    if getattr(detector, "class_spec", None) != spec:
-        detector.set_classes(spec)
+            kwargs = {} if imgsz is None else {"imgsz": imgsz}
+            detector = OVDetector(model, text_model=text_model, device=device, half=half, **kwargs)
+        elif callable(detector) and not hasattr(detector, "detect_batch"):
+            detector = detector()
+        if getattr(detector, "class_spec", None) != spec:
+            detector.set_classes(spec)
 
-    settings = {
-        "source": str(src_path.resolve()),
-        "recursive": bool(recursive),
-        "classes": json.loads(json.dumps(dataclasses.asdict(spec))),  # phrasings, thresholds, negatives too
-        "model": detector.model_id,
-        "text_model": detector.embeddings_source,
-        "imgsz": imgsz if imgsz is not None else getattr(detector, "imgsz", None),
-        "conf": float(conf),
-        "iou": float(iou),
-        "max_det": int(max_det),
-        "formats": list(fmts),
-        "save_annotated": bool(save_annotated),
-    }
-    _prepare_output(out_path, settings, overwrite)
+        settings = {
+            "source": str(src_path.resolve()),
+            "recursive": bool(recursive),
+            "classes": json.loads(json.dumps(dataclasses.asdict(spec))),  # phrasings, thresholds, negatives too
+            "model": detector.model_id,
+            "text_model": detector.embeddings_source,
+            "imgsz": imgsz if imgsz is not None else getattr(detector, "imgsz", None),
+            "conf": float(conf),
+            "iou": float(iou),
+            "max_det": int(max_det),
+            "formats": list(fmts),
+            "save_annotated": bool(save_annotated),
+        }
+        _prepare_output(out_path, settings, overwrite)
 
-    run = _Run(out_path, names, settings, fmts, save_annotated, checkpoint_s)
-    try:
-        done = run.load_journal()
-        # Two walks instead of a list of every path: memory stays flat however large the folder is.
-        found = already = 0
-        for f in iter_image_files(src_path, recursive=recursive):
-            found += 1
-            already += f.relative_to(src_path).as_posix() in done
-        pending = (f for f in iter_image_files(src_path, recursive=recursive)
-                   if f.relative_to(src_path).as_posix() not in done)
-        bar = tqdm(total=found, initial=already, unit="img", desc="annotate", disable=quiet,
-                   dynamic_ncols=True, smoothing=0.05)
-        detect_kwargs: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
-        if imgsz is not None:
-            detect_kwargs["imgsz"] = imgsz
-        start = time.perf_counter()
-        chunk: list[LoadedImage] = []
-        with bar:
-            for item in prefetch_images(pending, workers=workers, ahead=max(2 * batch, 8)):
-                if item.error is not None:
-                    run.record_error(item, src_path)
-                    bar.update(1)
-                    continue
-                chunk.append(item)
-                if len(chunk) == batch:
-                    run.process(chunk, detector.detect_batch(
-                        [c.image for c in chunk], **detect_kwargs), src_path)
+        run = _Run(out_path, names, settings, fmts, save_annotated, checkpoint_s)
+        try:
+            done = run.load_journal()
+            # Two walks instead of a list of every path: memory stays flat however large the folder is.
+            found = already = 0
+            for f in iter_image_files(src_path, recursive=recursive):
+                found += 1
+                already += f.relative_to(src_path).as_posix() in done
+            pending = (f for f in iter_image_files(src_path, recursive=recursive)
+                       if f.relative_to(src_path).as_posix() not in done)
+            bar = tqdm(total=found, initial=already, unit="img", desc="annotate", disable=quiet,
+                       dynamic_ncols=True, smoothing=0.05)
+            detect_kwargs: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
+            if imgsz is not None:
+                detect_kwargs["imgsz"] = imgsz
+            start = time.perf_counter()
+            chunk: list[LoadedImage] = []
+            with bar:
+                for item in prefetch_images(pending, workers=workers, ahead=max(2 * batch, 8)):
+                    if item.error is not None:
+                        run.record_error(item, src_path)
+                        bar.update(1)
+                        continue
+                    chunk.append(item)
+                    if len(chunk) == batch:
+                        run.process(chunk, detector.detect_batch(
+                            [c.image for c in chunk], **detect_kwargs), src_path)
+                        bar.update(len(chunk))
+                        chunk = []
+                        run.maybe_checkpoint()
+                if chunk:
+                    run.process(chunk, detector.detect_batch([c.image for c in chunk], **detect_kwargs), src_path)
                     bar.update(len(chunk))
-                    chunk = []
-                    run.maybe_checkpoint()
-            if chunk:
-                run.process(chunk, detector.detect_batch([c.image for c in chunk], **detect_kwargs), src_path)
-                bar.update(len(chunk))
-            run.finish()
-        seconds = time.perf_counter() - start
-    finally:
-        run.close()
+                run.finish()
+            seconds = time.perf_counter() - start
+        finally:
+            run.close()
     return AnnotateSummary(
         source=str(src_path), out=str(out_path), images_found=found, images_done=run.images_done,
         images_already_done=already, skipped=run.skipped,
@@ -214,7 +217,7 @@ def _check_folders(src: Path, out: Path) -> None:
         )
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: output path exists and is a file; choose a folder")
-    if out.is_dir() and not (out / _MANIFEST).exists() and any(out.iterdir()):
+    if out.is_dir() and not (out / _MANIFEST).exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise DatasetError(
             f"{out}: folder is not empty and holds no ovdet annotate run; choose an empty or new "
             "--out folder (--overwrite deletes only ovdet's own output files, so it does not help here)"

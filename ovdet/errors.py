@@ -53,3 +53,23 @@ class DatasetError(OVDetError):
 
 class ResumeMismatchError(DatasetError):
     """An interrupted run is resumed with different classes or model; pass --overwrite to start over."""
+
+
+class OutputLockedError(DatasetError):
+    """Another run is writing into the same output folder; wait for it or choose another folder."""
+
+
+class OutputWriteError(DatasetError):
+    """The output folder cannot be written (disk full, quota, read-only, removed); the finished part is kept."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class OVDetWarning(UserWarning):
+    """Base class of the warnings ovdet gives (the CLI prints them as one plain line)."""
+
+
+class UnreliableLockWarning(OVDetWarning):
+    """The output folder's filesystem does not honour file locks, so a second writer cannot be ruled out."""

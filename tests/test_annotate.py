@@ -23,6 +23,7 @@ from conftest import random_embeddings, random_world_model, scene
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import DatasetError, ResumeMismatchError
+from ovdet.runlock import LOCK_NAME, read_holder
 
 CLASSES = ["red box", "chat noir ü", "交通 灯"]
 REPO = Path(__file__).resolve().parents[1]
@@ -432,8 +433,35 @@ def test_kill_9_at_any_moment_then_rerun_finishes_exactly_once(tmp_path, cli_che
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
         done = check_outputs_valid(out)
         assert kill_at <= done < len(rels)
+        assert read_holder(out)["pid"] == proc.pid  # its lock file is left behind; the next run is not blocked
     finished = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300)
     assert finished.returncode == 0, finished.stderr.decode()
     assert_exactly_once(out, set(rels))
     assert journal(out) == journal(clean)
     assert snapshot(out) == snapshot(clean)
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_second_run_into_the_same_folder_fails_at_once_naming_the_first(tmp_path, cli_checkpoint):
+    src, out = tmp_path / "src", tmp_path / "out"
+    rels = make_images(src, 4)
+    cmd = [sys.executable, "-m", "ovdet.cli", *cli_args(src, out, cli_checkpoint), "--quiet"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while (read_holder(out) or {}).get("pid") != first.pid:  # it holds the folder ...
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # ... and stays in the middle of its run while the second starts
+        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        # meanwhile a run into another folder is not held up
+        assert annotate_folder(src, CLASSES, tmp_path / "other", detector=FakeDetector(), quiet=True).images_done == 4
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert "Traceback" not in second.stderr
+    assert f"is in use by another ovdet run: pid {first.pid} on host" in second.stderr
+    assert "annotate" in second.stderr and "wait for that run to finish" in second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    assert_exactly_once(out, set(rels))
+    assert not (out / LOCK_NAME).exists()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from ovdet.errors import OVDetError
+from ovdet.errors import OVDetError, OVDetWarning
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
 COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "train", "eval", "synth", "classes", "cache")
@@ -36,11 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """ovdet's own warnings as one plain line (others as Python shows them)."""
+    if issubclass(category, OVDetWarning):
+        print(f"ovdet: warning: {message}", file=file or sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=file or sys.stderr, end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():  # restores the default display afterwards (main may run in-process)
+            warnings.showwarning = _show_warning
+            return int(args._run(args) or 0)
     except OVDetError as exc:
         print(f"ovdet: error: {exc}", file=sys.stderr)
         return 2
