@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,15 +34,18 @@ from tqdm import tqdm
 from ovdet.errors import DatasetError, ResumeMismatchError
 from ovdet.prompts import parse_classes
 from ovdet.runlock import LOCK_NAME, lock_output
+from ovdet.runfolder import ERRORS as _ERRORS
+from ovdet.runfolder import JOURNAL as _JOURNAL
+from ovdet.runfolder import MANIFEST as _MANIFEST
+from ovdet.runfolder import clear_outputs
 from ovdet.sinks import (
     FORMATS,
-    CocoWriter,
     ImageRecord,
     Journal,
     PreviewWriter,
-    VocWriter,
-    YoloWriter,
     atomic_write,
+    open_dataset_writers,
+    parse_formats,
     read_journal,
     remove_stale_temp_files,
     repair_journal,
@@ -52,11 +54,6 @@ from ovdet.sources import LoadedImage, iter_image_files, prefetch_images, requir
 
 __all__ = ["AnnotateSummary", "annotate_folder"]
 
-_MANIFEST = "run.json"
-_JOURNAL = "predictions.jsonl"
-_ERRORS = "errors.jsonl"
-# Everything annotate_folder writes in the output folder (what --overwrite removes, and nothing else).
-_OUTPUTS = (_MANIFEST, _JOURNAL, _ERRORS, "coco", "yolo", "voc", "annotated")
 _MANIFEST_VERSION = 1
 
 
@@ -126,7 +123,7 @@ def annotate_folder(
     """
     src_path, out_path = Path(src), Path(out)
     _check_folders(src_path, out_path)
-    fmts = _parse_formats(formats)
+    fmts = parse_formats(formats)
     if batch < 1:
         raise DatasetError(f"batch must be at least 1, got {batch}")
     spec = parse_classes(classes)
@@ -224,29 +221,12 @@ def _check_folders(src: Path, out: Path) -> None:
         )
 
 
-def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    fmts = tuple(dict.fromkeys(str(f).strip().lower() for f in items if str(f).strip()))
-    unknown = [f for f in fmts if f not in FORMATS]
-    if unknown or not fmts:
-        raise DatasetError(
-            f"unknown output format {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"choose from {', '.join(FORMATS)} (comma-separated)"
-        )
-    return fmts
-
-
 def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Clear (overwrite), check (resume) or create the output folder, then write run.json."""
     manifest = out / _MANIFEST
     if out.exists():
         if overwrite:
-            for name in _OUTPUTS:
-                path = out / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
+            clear_outputs(out)
         elif manifest.exists():
             try:
                 previous = json.loads(manifest.read_text(encoding="utf-8"))
@@ -273,17 +253,11 @@ class _Run:
                  save_annotated: bool, checkpoint_s: float):
         self.out, self.classes = out, classes
         self.journal_path = out / _JOURNAL
-        self.writers: list[Any] = []
-        if "yolo" in formats:
-            self.writers.append(YoloWriter(out / "yolo", classes))
-        if "voc" in formats:
-            self.writers.append(VocWriter(out / "voc", classes))
-        self.preview = PreviewWriter(out / "annotated", classes) if save_annotated else None
         info = {"description": "ovdet annotate", "model": settings["model"], "source": settings["source"]}
-        self.coco = CocoWriter(out / "coco" / "annotations.json", classes, info) if "coco" in formats else None
-        for writer in [*self.writers, self.preview, self.coco]:
-            if writer is not None:
-                writer.start()
+        self.writers, self.coco = open_dataset_writers(out, classes, formats, info)
+        self.preview = PreviewWriter(out / "annotated", classes) if save_annotated else None
+        if self.preview is not None:
+            self.preview.start()
         self.journal: Journal | None = None
         self.errors: Journal | None = None
         self.used_keys: set[str] = set()

@@ -73,3 +73,7 @@ class OVDetWarning(UserWarning):
 
 class UnreliableLockWarning(OVDetWarning):
     """The output folder's filesystem does not honour file locks, so a second writer cannot be ruled out."""
+
+
+class RelabelError(OVDetError, ValueError):
+    """relabel options name an unknown class or ask for a threshold below the one the run kept boxes at."""

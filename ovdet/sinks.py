@@ -38,6 +38,8 @@ __all__ = [
     "YoloWriter",
     "atomic_link",
     "atomic_write",
+    "open_dataset_writers",
+    "parse_formats",
     "read_journal",
     "remove_stale_temp_files",
     "repair_journal",
@@ -47,6 +49,19 @@ __all__ = [
 FORMATS = ("coco", "yolo", "voc", "jsonl")
 
 _TMP_SUFFIX = ".ovdet-tmp"
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """"coco,yolo" or a list -> the distinct formats in order; DatasetError for unknown or none."""
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    fmts = tuple(dict.fromkeys(str(f).strip().lower() for f in items if str(f).strip()))
+    unknown = [f for f in fmts if f not in FORMATS]
+    if unknown or not fmts:
+        raise DatasetError(
+            f"unknown output format {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(FORMATS)} (comma-separated)"
+        )
+    return fmts
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -405,3 +420,19 @@ class CocoWriter:
                     fh.write(("\n" if anns[0]["id"] == 1 else ",\n") + dump(anns)[1:-1].replace("},{", "},\n{"))
             fh.write("]}\n")
         os.replace(tmp, self.path)
+
+
+def open_dataset_writers(root: str | os.PathLike, classes: Sequence[str], formats: Sequence[str],
+                         info: dict[str, Any] | None = None) -> tuple[list[YoloWriter | VocWriter], CocoWriter | None]:
+    """The started per-image writers (YOLO, VOC) and the COCO writer that `formats` ask for, under `root`."""
+    root = Path(root)
+    writers: list[YoloWriter | VocWriter] = []
+    if "yolo" in formats:
+        writers.append(YoloWriter(root / "yolo", classes))
+    if "voc" in formats:
+        writers.append(VocWriter(root / "voc", classes))
+    coco = CocoWriter(root / "coco" / "annotations.json", classes, info) if "coco" in formats else None
+    for writer in [*writers, coco]:
+        if writer is not None:
+            writer.start()
+    return writers, coco
