@@ -6,7 +6,9 @@ import numpy as np
 import supervision as sv
 
 _BOXES = sv.BoxAnnotator(thickness=2)
-_LABELS = sv.LabelAnnotator(text_scale=0.5, text_padding=3)
+# smart_position keeps every label inside the image (a box at the top edge would push its label above it) and
+# spreads out labels that would overlap, so each stays readable.
+_LABELS = sv.LabelAnnotator(text_scale=0.5, text_padding=3, smart_position=True)
 
 
 def labels(detections: sv.Detections) -> list[str]:
