@@ -51,6 +51,7 @@ from ovdet.sinks import (
     repair_journal,
 )
 from ovdet.sources import LoadedImage, iter_image_files, prefetch_images, require_image_files
+from ovdet.write_errors import explain_write_errors
 
 __all__ = ["AnnotateSummary", "annotate_folder"]
 
@@ -130,8 +131,9 @@ def annotate_folder(
     names = list(spec.names)
     require_image_files(src_path, recursive=recursive)
 
-    # One writer per output folder, held before the (slow) model load so a second run fails at once.
-    with lock_output(out_path):
+    # One writer per output folder, held before the (slow) model load so a second run fails at once;
+    # a full disk (or a read-only or vanished folder) ends the run with a clear word instead of a traceback.
+    with explain_write_errors(out_path, lambda: _finished_note(out_path)), lock_output(out_path):
         if detector is None:
             from ovdet.detector import OVDetector
 
@@ -199,6 +201,19 @@ def annotate_folder(
         images_already_done=already, skipped=run.skipped,
         detections_per_class={n: run.counts.get(i, 0) for i, n in enumerate(names)}, seconds=seconds,
     )
+
+
+def _finished_note(out: Path) -> str:
+    """What survives a failed write: the images whose journal line is whole."""
+    try:
+        with open(out / _JOURNAL, "rb") as fh:
+            done = sum(line.endswith(b"\n") for line in fh)
+    except OSError:
+        done = 0
+    if not done:
+        return "No image was finished before this."
+    return f"The {done} image{'s' if done != 1 else ''} finished before this {'are' if done != 1 else 'is'} " \
+           f"safe in {out / _JOURNAL}."
 
 
 def _check_folders(src: Path, out: Path) -> None:

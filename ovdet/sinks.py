@@ -2,7 +2,8 @@
 
 Every file is written whole or not at all (temporary file + os.replace), except the JSONL journal,
 which is append-only: each record is one line sent with a single write(), and a torn last line (power
-loss) is cut off by `repair_journal` before the journal is read or appended again. The formats follow
+loss) is cut off by `repair_journal` before the journal is read or appended again (one that fails on a
+full disk is cut back at once). The formats follow
 supervision's dataset conventions (1-based COCO categories, 1-based VOC pixel boxes, 5-decimal YOLO
 lines) and load with its loaders; this module adds streaming and crash safety: nothing here holds more
 than one image's detections in memory.
@@ -10,13 +11,15 @@ than one image's detections in memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from xml.sax.saxutils import escape
 
 import cv2
@@ -37,6 +40,7 @@ __all__ = [
     "VocWriter",
     "YoloWriter",
     "atomic_link",
+    "atomic_open",
     "atomic_write",
     "open_dataset_writers",
     "parse_formats",
@@ -49,6 +53,34 @@ __all__ = [
 FORMATS = ("coco", "yolo", "voc", "jsonl")
 
 _TMP_SUFFIX = ".ovdet-tmp"
+# A link that fails for these reasons fails as a copy too: report them instead of trying the next way.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file that becomes `path` when the block ends without error and is removed otherwise.
+
+    Readers only ever see the old or the complete new file, and a write that fails (a full disk) leaves
+    no partial file behind and gives its space back at once.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove the temporary file of a write that failed."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass  # never created, or its folder is gone; remove_stale_temp_files clears what a later run finds
 
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -66,12 +98,8 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` to `path` so that readers only ever see the old or the complete new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:
@@ -81,13 +109,21 @@ def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:
     if os.path.lexists(tmp):
         os.unlink(tmp)
     try:
-        os.symlink(os.path.abspath(target), tmp)
-    except OSError:
         try:
-            os.link(target, tmp)
-        except OSError:
-            shutil.copyfile(target, tmp)
-    os.replace(tmp, link)
+            os.symlink(os.path.abspath(target), tmp)
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise
+            try:
+                os.link(target, tmp)
+            except OSError as exc2:
+                if exc2.errno in _NO_ROOM:
+                    raise
+                shutil.copyfile(target, tmp)
+        os.replace(tmp, link)
+    except BaseException:
+        _discard(tmp)
+        raise
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> int:
@@ -224,12 +260,19 @@ class Journal:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._end = os.fstat(self._fd).st_size  # end of the last whole record (one writer: the folder is locked)
 
     def append(self, record: dict[str, Any]) -> None:
+        """Add one record; if the disk fills during the write, the journal is cut back to its last whole line."""
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-        written = os.write(self._fd, line)
-        if written != len(line):  # only on a full disk; never leave half a line behind
-            raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes); is the disk full?")
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):  # a full disk takes part of the line: never leave half a line behind
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)", str(self.path))
+        except BaseException:
+            os.ftruncate(self._fd, self._end)
+            raise
+        self._end += written
 
     def sync(self) -> None:
         """Flush to the storage device (survives power loss, not only process death)."""
@@ -392,12 +435,10 @@ class CocoWriter:
 
     def rebuild(self, journal: str | os.PathLike, end: int | None = None) -> None:
         """Write the COCO file for every record in `journal` (up to byte `end`)."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}{_TMP_SUFFIX}")
-
         def dump(obj: Any) -> str:
             return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_open(self.path, "w", encoding="utf-8") as fh:
             fh.write('{"info":' + dump(self.info) + ',"licenses":[],"categories":'
                      + dump(classes_to_coco_categories(self.classes)) + ',\n"images":[')
             for image_id, rec in enumerate(read_journal(journal, end), 1):
@@ -419,7 +460,6 @@ class CocoWriter:
                 if anns:
                     fh.write(("\n" if anns[0]["id"] == 1 else ",\n") + dump(anns)[1:-1].replace("},{", "},\n{"))
             fh.write("]}\n")
-        os.replace(tmp, self.path)
 
 
 def open_dataset_writers(root: str | os.PathLike, classes: Sequence[str], formats: Sequence[str],
