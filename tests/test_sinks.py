@@ -52,6 +52,8 @@ def test_atomic_write_crash_leaves_old_file_intact(tmp_path):
     with mock.patch("ovdet.sinks.os.replace", side_effect=OSError("simulated crash")), pytest.raises(OSError):
         atomic_write(path, '{"new": tr')
     assert json.loads(path.read_text()) == {"old": True}
+    assert no_temp_files(tmp_path)  # a failed write removes its temporary file at once
+    (tmp_path / ".f.json.123.ovdet-tmp").write_text('{"new": tr')  # what a kill -9 mid-write leaves
     assert remove_stale_temp_files(tmp_path) == 1
     assert no_temp_files(tmp_path) and path.exists()
 
