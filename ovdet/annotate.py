@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tqdm import tqdm
-
 from ovdet.errors import DatasetError, ResumeMismatchError
+from ovdet.progress import progress
 from ovdet.prompts import parse_classes
 from ovdet.runlock import LOCK_NAME, lock_output
 from ovdet.runfolder import ERRORS as _ERRORS
@@ -169,8 +168,7 @@ def annotate_folder(
                 already += f.relative_to(src_path).as_posix() in done
             pending = (f for f in iter_image_files(src_path, recursive=recursive)
                        if f.relative_to(src_path).as_posix() not in done)
-            bar = tqdm(total=found, initial=already, unit="img", desc="annotate", disable=quiet,
-                       dynamic_ncols=True, smoothing=0.05)
+            bar = progress(total=found, initial=already, unit="img", desc="annotate", quiet=quiet)
             detect_kwargs: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
             if imgsz is not None:
                 detect_kwargs["imgsz"] = imgsz

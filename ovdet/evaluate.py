@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +12,9 @@ import numpy as np
 import supervision as sv
 import yaml
 from supervision.metrics import MeanAveragePrecision
-from tqdm import tqdm
 
 from ovdet.errors import DatasetError
+from ovdet.progress import progress as progress_display
 from ovdet.sources import IMAGE_EXTENSIONS, list_image_files, prefetch_images
 
 if TYPE_CHECKING:
@@ -301,13 +300,13 @@ def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[s
     detector.set_classes(prompts)  # "!negatives" drop out of detector.classes, which the class ids index
     det_to_cat = np.array([scored.index(p) if p in scored else -1 for p in detector.classes], dtype=int)
     predictions, targets, skipped = [], [], []
-    bar = tqdm(total=len(dataset.images), desc="eval", unit="img", disable=not progress)
+    bar = progress_display(total=len(dataset.images), desc="eval", unit="img", quiet=not progress)
     for chunk in _batches(dataset, batch):
         ok = [c for c in chunk if c.error is None]
         for c in chunk:
             if c.error is not None:
                 skipped.append(str(c.source))
-                print(f"ovdet: skipped {c.source}: {c.error}", file=sys.stderr)
+                bar.write(f"ovdet: skipped {c.source}: {c.error}")
         results = detector.detect_batch([c.image for c in ok], conf=conf, iou=iou) if ok else []
         for c, dets in zip(ok, results):
             gt = dataset.images[c.index].targets(c.image.shape)

@@ -9,9 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from ovdet.errors import DatasetError
+from ovdet.progress import progress as progress_display
 
 # BGR colours an object (or a piece of clutter) can have, by name.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -186,13 +186,15 @@ def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
     for split, count in (("train", train), ("val", val)):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
-            img, boxes, class_ids = render(image_rng(seed, split, i), spec)
-            if not cv2.imwrite(str(out / "images" / split / f"{i:06d}.png"), img):
-                raise DatasetError(f"Could not write images to {out}: check the folder is writable.")
-            xywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
-            lines = [f"{c} " + " ".join(f"{v / spec.imgsz:.6f}" for v in b) for c, b in zip(class_ids, xywh)]
-            (out / "labels" / split / f"{i:06d}.txt").write_text("".join(line + "\n" for line in lines))
+        with progress_display(total=count, desc=f"synth {split}", unit="img", quiet=not progress) as bar:
+            for i in range(count):
+                img, boxes, class_ids = render(image_rng(seed, split, i), spec)
+                if not cv2.imwrite(str(out / "images" / split / f"{i:06d}.png"), img):
+                    raise DatasetError(f"Could not write images to {out}: check the folder is writable.")
+                xywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+                lines = [f"{c} " + " ".join(f"{v / spec.imgsz:.6f}" for v in b) for c, b in zip(class_ids, xywh)]
+                (out / "labels" / split / f"{i:06d}.txt").write_text("".join(line + "\n" for line in lines))
+                bar.update(1)
     data = {
         "train": "images/train",
         "val": "images/val",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,16 +168,37 @@ def _half_state(state: dict) -> dict:
     return out
 
 
+@contextmanager
+def _ultralytics_output(quiet: bool) -> Iterator[None]:
+    """ultralytics' own training output: nothing when `quiet`; in a log (stdout not a terminal) one plain line per
+    progress bar when it ends instead of carriage-return redraw frames (its GitHub Actions mode)."""
+    from ultralytics.utils import LOGGER
+    from ultralytics.utils import tqdm as ul_tqdm
+
+    level, check = LOGGER.level, ul_tqdm.is_noninteractive_console
+    try:
+        if quiet:
+            LOGGER.setLevel(logging.WARNING)  # its progress bars turn themselves off with the info messages
+        if not sys.stdout.isatty():
+            ul_tqdm.is_noninteractive_console = lambda: True
+        yield
+    finally:
+        LOGGER.setLevel(level)
+        ul_tqdm.is_noninteractive_console = check
+
+
 def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Path = "runs/ovdet-train",
           epochs: int = 10, imgsz: int = 640, batch: int = 16, device: str | torch.device = "auto",
           text_model: str | Path | TextEncoder | None = None, classes: Sequence[str] | None = None,
-          val_data: str | Path | None = None, overwrite: bool = False, **overrides: Any) -> TrainResult:
+          val_data: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
+          **overrides: Any) -> TrainResult:
     """Train a YOLO-World detector on a YOLO or COCO dataset; writes OUT/model.pt and returns its metrics.
 
     `model` is a detector name or .pt (fine-tune) or an ultralytics yaml config (from scratch). Class texts are
     encoded by `text_model` (default: the tower inside the starting checkpoint, else CLIP ViT-B/32); a tower other
     than the default is stored in the checkpoint (fp16) under "ovdet_text_encoder", and training uses exactly
     those stored weights. `overrides` are further ultralytics training arguments (lr0=..., mosaic=..., ...).
+    `quiet` silences ultralytics' output; when stdout is not a terminal its progress bars print plain lines.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -203,8 +227,9 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
             "imgsz": imgsz, "batch": batch, "device": dev, "project": str(out.resolve().parent), "name": out.name,
             "exist_ok": True, "val": True}
     t0 = time.time()
-    trainer = OVDetWorldTrainer(encoder, overrides=args)
-    trainer.train()
+    with _ultralytics_output(quiet):
+        trainer = OVDetWorldTrainer(encoder, overrides=args)
+        trainer.train()
     seconds = time.time() - t0
     best = trainer.best if trainer.best.exists() else trainer.last
     ckpt = torch.load(best, map_location="cpu", weights_only=False)

@@ -18,11 +18,11 @@ from typing import IO, Any
 import cv2
 import numpy as np
 import supervision as sv
-from tqdm import tqdm
 
 from ovdet.capture import Source, open_source
 from ovdet.draw import draw
 from ovdet.errors import VideoOutputError
+from ovdet.progress import progress as progress_display
 from ovdet.stream import Result, Tracker, detect_frames
 
 
@@ -95,8 +95,8 @@ def process_video(detector: Any, source: Source, out: str | Path | None = None, 
         rate = capture.fps or fps or 30.0
         tracker = Tracker(high_thresh=detector.conf if conf is None else conf, fps=rate) if track else None
         writer = _Writer(out_path, jsonl_path, rate, Annotator(traces, fps=rate))
-        bar = tqdm(total=capture.frame_count, unit="frame", desc=Path(capture.name).name, disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_display(total=capture.frame_count, unit="frame", desc=Path(capture.name).name,
+                               quiet=not progress)
         try:
             for result in detect_frames(detector, capture, tracker=tracker, batch=batch, conf=conf, **detect_kw):
                 writer.put(result)

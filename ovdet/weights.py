@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from tqdm import tqdm
 
 from ovdet.errors import ModelError, UnknownModelError, WeightsCorruptError, WeightsNotFoundError
+from ovdet.progress import progress
 
 # Release tag that ultralytics 8.4 (`attempt_download_asset`) downloads its assets from.
 ULTRALYTICS_ASSETS_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0"
@@ -209,8 +209,8 @@ def _download(spec: ModelSpec, searched: list[Path], what: str) -> Path:
                 with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
                     length = response.headers.get("Content-Length")
                     expected = int(length) if length else None
-                    with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-                              desc=f"Downloading {spec.filename}") as bar:
+                    with progress(total=expected, unit="B", unit_scale=True,
+                                  desc=f"Downloading {spec.filename}") as bar:
                         while chunk := response.read(_CHUNK):
                             out.write(chunk)
                             digest.update(chunk)

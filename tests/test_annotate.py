@@ -382,12 +382,14 @@ def cli_args(src: Path, out: Path, ckpt: Path) -> list[str]:
             "--device", "cpu", "--imgsz", "160", "--conf", "0.01", "--max-det", "3", "--batch", "1"]
 
 
-def test_cli_runs_and_reports(tmp_path, cli_checkpoint, capsys):
+def test_cli_runs_and_reports(tmp_path, cli_checkpoint, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     make_images(src, 3)
+    monkeypatch.setenv("OVDET_PROGRESS_SECONDS", "0")
     assert main(cli_args(src, out, cli_checkpoint) + ["--format", "yolo,jsonl"]) == 0
     err = capsys.readouterr().err
     assert "annotated 3 images" in err and "img/s" in err
+    assert "\r" not in err and "annotate: 1/3 (33%) " in err and "annotate: 3/3 (100%) in " in err  # a log
     assert len(journal(out)) == 3 and (out / "yolo" / "data.yaml").exists() and not (out / "coco").exists()
     assert main(cli_args(src, out, cli_checkpoint) + ["--format", "yolo,jsonl", "--quiet"]) == 0
     assert capsys.readouterr().err == ""

@@ -302,20 +302,25 @@ def random_checkpoint(tmp_path):
     return path
 
 
-def test_cli_eval_table_and_json(tmp_path, random_checkpoint, capsys):
+def test_cli_eval_table_and_json(tmp_path, random_checkpoint, capsys, monkeypatch):
     from ovdet.cli import main
 
+    monkeypatch.setenv("OVDET_PROGRESS_SECONDS", "0")
     data = write_yolo(tmp_path / "ds")
     common = ["--model", str(random_checkpoint), "--device", "cpu", "--imgsz", "160"]
     assert main(["eval", str(data), *common, "--map", "blue square=a blue box"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "eval: 4/4 (100%) in " in captured.err
+    table = captured.out.splitlines()
     assert table[0].split() == ["class", "images", "instances", "mAP50", "mAP50-95"]
     assert table[1].split()[:3] == ["all", "4", "8"]
     assert [line.split("  ")[0].strip() for line in table[2:5]] == ["red circle", "a blue box", "green triangle"]
     assert table[-1].startswith("mAP50 ") and "random-world@" in table[-1]
 
-    assert main(["eval", str(data), *common, "--classes", "red circle,forklift", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(data), *common, "--classes", "red circle,forklift", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    out = json.loads(captured.out)
     assert out["split"] == "val" and out["images"] == 4 and out["instances"] == 3
     assert [c["name"] for c in out["classes"]] == ["red circle"]
     assert 0.0 <= out["map50_95"] <= out["map50"] <= 1.0

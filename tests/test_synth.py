@@ -105,7 +105,9 @@ def test_cli_synth(tmp_path, capsys):
     code = main(["synth", str(out), "--train", "3", "--val", "2", "--imgsz", "96", "--seed", "4",
                  "--colours", "red,blue", "--shapes", "circle,square"])
     assert code == 0
-    assert "4 classes" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "4 classes" in captured.out
+    assert "\r" not in captured.err and "synth train: 3/3 (100%) in " in captured.err
     ds = load_dataset(out / "data.yaml", split="val")
     assert ds.names == ["red circle", "red square", "blue circle", "blue square"]
     assert cv2.imread(str(ds.images[0].path)).shape == (96, 96, 3)

@@ -151,7 +151,7 @@ def test_real_model_video_job_and_stream(tmp_path, tiny_detector):
     assert all(f.shape == (120, 160, 3) and d.tracker_id is not None for f, d in pairs)
 
 
-def test_cli_video(tmp_path, tiny_text_encoder, capsys):
+def test_cli_video(tmp_path, tiny_text_encoder, capsys, monkeypatch):
     ckpt = tmp_path / "tiny.pt"
     torch.save({"model": random_world_model(), "train_args": {}, "ovdet_text_encoder": tiny_text_encoder.to_state()},
                ckpt)
@@ -162,7 +162,16 @@ def test_cli_video(tmp_path, tiny_text_encoder, capsys):
     assert code == 0
     assert video_props(out) == (6, 128, 96, pytest.approx(8))
     assert len(read_jsonl(jsonl)) == 6
-    assert "6 frames" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "6 frames" in captured.out and captured.err == ""
+    monkeypatch.setenv("OVDET_PROGRESS_SECONDS", "0")
+    args = ["video", str(src), "--classes", "person", "--jsonl", str(tmp_path / "q.jsonl"), "--model", str(ckpt),
+            "--device", "cpu", "--imgsz", "160"]
+    assert main(args) == 0
+    err = capsys.readouterr().err  # not a terminal: whole progress lines
+    assert "\r" not in err and "in.mp4: 3/6 (50%) " in err and "in.mp4: 6/6 (100%) in " in err
+    assert main(args + ["--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
 
     code = main(["video", str(tmp_path / "missing.mp4"), "--classes", "person", "--model", str(ckpt),
                  "--device", "cpu", "--imgsz", "160"])

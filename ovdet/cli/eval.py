@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help='prompt for a dataset class, e.g. "person=a pedestrian,car=a car"')
     p.add_argument("--batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines); the result is printed")
     add_model_options(p)
     p.set_defaults(conf=0.001)  # mAP integrates over all confidences: keep low-scoring boxes
     return p
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
                      imgsz=args.imgsz, max_det=args.max_det)
     result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
-                      batch=args.batch)
+                      batch=args.batch, progress=not args.quiet)
     if args.json:
         print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, **result.to_dict()}))
     else:

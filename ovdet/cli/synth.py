@@ -28,13 +28,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"comma-separated object shapes, from: {','.join(SHAPES)}")
     p.add_argument("--min-objects", type=int, default=2, help="fewest objects per image")
     p.add_argument("--max-objects", type=int, default=6, help="most objects per image")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary line")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     spec = WorldSpec(colours=tuple(_words(args.colours)), shapes=tuple(_words(args.shapes)), imgsz=args.imgsz,
                      objects=(args.min_objects, args.max_objects))
-    path = generate(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec)
+    path = generate(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec, progress=not args.quiet)
+    if args.quiet:
+        return 0
     print(f"wrote {args.train} train + {args.val} val images, {len(spec.names)} classes "
           f"({', '.join(spec.names)}) -> {path}")
     return 0

@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of ultralytics' trainer")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (ultralytics uses 0 on CPU)")
     p.add_argument("--overwrite", action="store_true", help="train into a non-empty output folder")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but warnings and errors (ultralytics' progress and the final metrics line); "
+                        "without it, output to a log or pipe has one plain line per progress bar, no redraw frames")
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="any other ultralytics training argument, e.g. --set lr0=0.002 --set mosaic=0.5 (repeatable)")
     return p
@@ -66,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     result = train(args.data, model=args.model, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                    batch=args.batch, device=args.device, text_model=args.text_model, classes=classes,
                    val_data=args.val_data, overwrite=args.overwrite, seed=args.seed, workers=args.workers,
-                   **overrides)
+                   quiet=args.quiet, **overrides)
+    if args.quiet:
+        return 0
     m = result.metrics
     print(f"ovdet train: {result.epochs} epochs in {result.seconds:.0f}s; best on val: mAP50 {m['mAP50']:.3f} "
           f"mAP50-95 {m['mAP50-95']:.3f} precision {m['precision']:.3f} recall {m['recall']:.3f} "

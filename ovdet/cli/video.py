@@ -26,7 +26,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--track", action="store_true", help="persistent ids with ByteTrack (in labels and JSONL)")
     parser.add_argument("--traces", action="store_true", help="draw the recent path of each track (implies --track)")
     parser.add_argument("--batch", type=int, default=4, help="frames per forward pass")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (or progress lines)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but errors: no progress and no summary")
     add_model_options(parser)
     return parser
 
@@ -37,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         out = f"{Path(args.input).stem}_ovdet.mp4"
     det = build_detector(args)
     report = process_video(det, args.input, out, args.jsonl, track=args.track, traces=args.traces,
-                           batch=args.batch, progress=not args.no_progress)
+                           batch=args.batch, progress=not (args.no_progress or args.quiet))
+    if args.quiet:
+        return 0
     print(f"{report.frames} frames in {report.seconds:.1f} s ({report.fps:.1f} frames/s)")
     for path in (report.out, report.jsonl):
         if path is not None:
