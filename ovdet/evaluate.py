@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,9 @@ from supervision.metrics import MeanAveragePrecision
 
 from ovdet.errors import DatasetError
 from ovdet.progress import progress as progress_display
+from ovdet.runfolder import JOURNAL, MANIFEST, clear_outputs
+from ovdet.runlock import LOCK_NAME, lock_output
+from ovdet.sinks import ImageRecord, Journal, atomic_write
 from ovdet.sources import IMAGE_EXTENSIONS, list_image_files, prefetch_images
 
 if TYPE_CHECKING:
@@ -280,13 +285,28 @@ def _batches(dataset: LabelledDataset, batch: int) -> Iterator[list]:
 
 def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[str] | None = None,
              mapping: Mapping[str, str] | None = None, conf: float = 0.001, iou: float = 0.7,
-             batch: int = 8, progress: bool = True) -> EvalResult:
+             batch: int = 8, progress: bool = True, out: str | os.PathLike | None = None) -> EvalResult:
     """Run `detector` over the dataset and score it.
 
     Each dataset class is scored under its prompt (`mapping[name]`, else its own name). The detector is given
     `classes` (default: the prompts of all dataset classes); dataset classes whose prompt is not among them are
     left out of the score, and so are detections of prompts that name no dataset class.
+    With `out`, the run is saved there as a run folder (run.json with settings and scores, predictions.jsonl
+    with each image's predictions and ground truth) that `ovdet report` reads; an earlier eval run there is
+    replaced.
     """
+    with ExitStack() as stack:
+        run = None
+        if out is not None:
+            stack.enter_context(lock_output(out))
+            run = stack.enter_context(_EvalRun(Path(out)))
+        return _evaluate(detector, dataset, classes, mapping, conf, iou, batch, progress, run)
+
+
+def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[str] | None,
+              mapping: Mapping[str, str] | None, conf: float, iou: float, batch: int, progress: bool,
+              run: _EvalRun | None) -> EvalResult:
+    """evaluate() without the output folder handling."""
     mapping = dict(mapping or {})
     prompt_of = [mapping.get(n, n) for n in dataset.names]
     prompts = list(classes) if classes else list(dict.fromkeys(prompt_of))
@@ -316,6 +336,8 @@ def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[s
             keep = cats >= 0
             predictions.append(sv.Detections(xyxy=dets.xyxy[keep], confidence=dets.confidence[keep],
                                              class_id=cats[keep]))
+            if run is not None:
+                run.add(dataset.images[c.index].path, c.image.shape, predictions[-1], targets[-1], scored)
         bar.update(len(chunk))
     bar.close()
     if not targets:
@@ -324,4 +346,53 @@ def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[s
     for score in result.classes:
         score.dataset_classes = [n for n, p in zip(dataset.names, prompt_of) if p == score.name]
     result.skipped = skipped
+    if run is not None:
+        spec = {"classes": [{"name": n, "prompts": [n], "conf": None} for n in scored], "negatives": [],
+                "templates": [], "reduce": "max"}
+        run.finish({"data": dataset.source, "classes": spec, "prompts": prompts, "model": detector.model_id,
+                    "imgsz": getattr(detector, "imgsz", None), "conf": float(conf), "iou": float(iou),
+                    "formats": ["jsonl"]}, result)
     return result
+
+
+class _EvalRun:
+    """An eval run folder: predictions.jsonl (predictions and ground truth per image), then run.json."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        manifest = out / MANIFEST
+        if manifest.exists():
+            try:
+                kind = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+            except ValueError:
+                kind = None
+            if kind != "eval":
+                raise DatasetError(f"{out} holds another kind of run ({kind or 'unreadable run.json'}); choose a "
+                                   "new --out folder for the eval run")
+            clear_outputs(out)
+        elif any(p.name != LOCK_NAME for p in out.iterdir()):
+            raise DatasetError(f"{out}: folder is not empty and holds no ovdet run; choose an empty or new --out")
+        self.journal = Journal(out / JOURNAL)
+        self.count = 0
+
+    def add(self, path: Path, shape: tuple[int, ...], predictions: sv.Detections, targets: sv.Detections,
+            names: Sequence[str]) -> None:
+        """One image: its predictions (eval class ids) and its ground truth boxes."""
+        rec = ImageRecord.from_detections(path.name, os.path.abspath(path), f"{self.count:06d}_{path.stem}",
+                                          shape, predictions)
+        line = rec.to_json(names)
+        line["gt"] = [{"class_id": int(c), "class_name": names[int(c)], "bbox": [round(float(v), 2) for v in b]}
+                      for b, c in zip(targets.xyxy, targets.class_id)]
+        self.journal.append(line)
+        self.count += 1
+
+    def finish(self, settings: dict, result: EvalResult) -> None:
+        self.journal.sync()
+        atomic_write(self.out / MANIFEST, json.dumps({"version": 1, "kind": "eval", "settings": settings,
+                                                      "result": result.to_dict()}, indent=2) + "\n")
+
+    def __enter__(self) -> _EvalRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.journal.close()

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ovdet.errors import DatasetError, RelabelError
+from ovdet.progress import progress
 from ovdet.runlock import LOCK_NAME, lock_output
 from ovdet.runfolder import ERRORS, JOURNAL, MANIFEST, RunFolder, clear_outputs, load_run
 from ovdet.sinks import ImageRecord, Journal, atomic_write, open_dataset_writers, parse_formats
@@ -187,8 +187,8 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
         limits = np.array(thresholds, dtype=np.float64)
         counts: Counter[int] = Counter()
         images = kept = seen = 0
-        with Journal(out_path / JOURNAL) as journal:
-            for raw in tqdm(run.records(), unit="img", desc="relabel", disable=quiet, dynamic_ncols=True):
+        with Journal(out_path / JOURNAL) as journal, progress(desc="relabel", unit="img", quiet=quiet) as bar:
+            for raw in run.records():
                 rec = ImageRecord.from_json(raw)
                 keep = (rec.scores > limits[rec.class_ids]) & (id_map[rec.class_ids] >= 0)
                 if min_area > 0:
@@ -203,6 +203,7 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
                 images += 1
                 kept += len(new.class_ids)
                 seen += len(rec.class_ids)
+                bar.update(1)
             journal.sync()
         if coco is not None:
             coco.rebuild(out_path / JOURNAL)

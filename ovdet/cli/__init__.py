@@ -10,8 +10,8 @@ import warnings
 from ovdet.errors import OVDetError, OVDetWarning
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
-COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "relabel", "train", "eval", "synth", "classes",
-            "cache")
+COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "report", "relabel", "train", "eval", "synth",
+            "classes", "cache")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

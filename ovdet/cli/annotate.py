@@ -8,6 +8,7 @@ import sys
 from ovdet.annotate import annotate_folder
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.report import write_report
 from ovdet.sinks import FORMATS
 
 
@@ -30,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="include images in subfolders")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the outputs of an earlier run in OUT and start over (needed to change settings)")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT/report.html to review the boxes and pick per-class thresholds "
+                        "(see `ovdet report --help`)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     add_model_options(p)
     return p
@@ -43,4 +47,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
+    if args.report:
+        path = write_report(args.out, quiet=args.quiet)
+        if not args.quiet:
+            print(f"report -> {path}", file=sys.stderr)
     return 0

@@ -8,7 +8,9 @@ import json
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_model_options
 from ovdet.detector import OVDetector, parse_class_names
+from ovdet.errors import DatasetError
 from ovdet.evaluate import evaluate, load_dataset, parse_mapping
+from ovdet.report import write_report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,19 +29,28 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines); the result is printed")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="save the run (settings, scores, every image's predictions and ground truth) in this folder; "
+                        "an earlier eval run there is replaced")
+    p.add_argument("--report", action="store_true",
+                   help="also write DIR/report.html: PR curves, AP table, confusion matrix and the images with the "
+                        "most false positives / misses, ground truth and predictions drawn in two colours "
+                        "(needs --out)")
     add_model_options(p)
     p.set_defaults(conf=0.001)  # mAP integrates over all confidences: keep low-scoring boxes
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report and not args.out:
+        raise DatasetError("--report needs --out DIR: the folder the run and its report are saved in")
     dataset = load_dataset(args.data, split=args.split)
     mapping = parse_mapping(args.map, dataset.names)
     classes = parse_class_names(args.classes) if args.classes else None
     det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
                      imgsz=args.imgsz, max_det=args.max_det)
     result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
-                      batch=args.batch, progress=not args.quiet)
+                      batch=args.batch, progress=not args.quiet, out=args.out)
     if args.json:
         print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, **result.to_dict()}))
     else:
@@ -48,4 +59,8 @@ def run(args: argparse.Namespace) -> int:
               f"{result.instances} instances, model {det.model_id})")
         if result.skipped:
             print(f"skipped {len(result.skipped)} unreadable image(s)")
+    if args.report:
+        path = write_report(args.out, quiet=args.json or args.quiet)
+        if not args.json:
+            print(f"report -> {path}")
     return 0
