@@ -23,13 +23,14 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ovdet.errors import DatasetError, ResumeMismatchError
+from ovdet.errors import DatasetError, OVDetWarning, ResumeMismatchError
 from ovdet.progress import progress
 from ovdet.prompts import parse_classes
 from ovdet.runlock import LOCK_NAME, lock_output
@@ -47,14 +48,18 @@ from ovdet.sinks import (
     parse_formats,
     read_journal,
     remove_stale_temp_files,
+    rebuild_from_journal,
     repair_journal,
 )
+from ovdet.splits import ValSplit
 from ovdet.sources import LoadedImage, iter_image_files, prefetch_images, require_image_files
 from ovdet.write_errors import explain_write_errors
 
 __all__ = ["AnnotateSummary", "annotate_folder"]
 
 _MANIFEST_VERSION = 1
+# Settings added after version 1, with the value a run.json written before them implies.
+_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0}
 
 
 @dataclass
@@ -69,6 +74,7 @@ class AnnotateSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
     detections_per_class: dict[str, int] = field(default_factory=dict)  # by this call
     seconds: float = 0.0
+    split: tuple[int, int] | None = None  # (train, val) image counts with --val-split, all runs together
 
     @property
     def images_per_second(self) -> float:
@@ -83,6 +89,8 @@ class AnnotateSummary:
             parts.append(f"{self.images_already_done} already done")
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped (see {Path(self.out) / _ERRORS})")
+        if self.split is not None:
+            parts.append(f"split {self.split[0]} train / {self.split[1]} val")
         return (
             f"{'; '.join(parts)} in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s); "
             f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {self.out}"
@@ -110,6 +118,8 @@ def annotate_folder(
     quiet: bool = False,
     workers: int | None = None,
     checkpoint_s: float = 60.0,
+    val_split: float = 0.0,
+    split_seed: int = 0,
 ) -> AnnotateSummary:
     """Detect `classes` in every image under `src` and write the datasets named in `formats` to `out`.
 
@@ -119,6 +129,8 @@ def annotate_folder(
     journal `predictions.jsonl` is always written because resuming relies on it. Re-running with the
     same arguments resumes an interrupted run; different classes, model or settings raise
     ResumeMismatchError unless `overwrite` (which deletes the previous outputs first).
+    `val_split` > 0 holds out that fraction of the images as the val split of the YOLO and COCO outputs,
+    chosen by a hash of each image's path and `split_seed` (the same on every re-run and resume).
     Raises DatasetError up front for a missing or empty input folder, or an output folder inside it.
     """
     src_path, out_path = Path(src), Path(out)
@@ -126,6 +138,7 @@ def annotate_folder(
     fmts = parse_formats(formats)
     if batch < 1:
         raise DatasetError(f"batch must be at least 1, got {batch}")
+    split = ValSplit(float(val_split), int(split_seed))
     spec = parse_classes(classes)
     names = list(spec.names)
     require_image_files(src_path, recursive=recursive)
@@ -155,10 +168,12 @@ def annotate_folder(
             "max_det": int(max_det),
             "formats": list(fmts),
             "save_annotated": bool(save_annotated),
+            "val_split": split.fraction,
+            "split_seed": split.seed,
         }
         _prepare_output(out_path, settings, overwrite)
 
-        run = _Run(out_path, names, settings, fmts, save_annotated, checkpoint_s)
+        run = _Run(out_path, names, settings, fmts, save_annotated, checkpoint_s, split)
         try:
             done = run.load_journal()
             # Two walks instead of a list of every path: memory stays flat however large the folder is.
@@ -198,6 +213,7 @@ def annotate_folder(
         source=str(src_path), out=str(out_path), images_found=found, images_done=run.images_done,
         images_already_done=already, skipped=run.skipped,
         detections_per_class={n: run.counts.get(i, 0) for i, n in enumerate(names)}, seconds=seconds,
+        split=(run.split_counts[0], run.split_counts[1]) if split.active else None,
     )
 
 
@@ -245,7 +261,7 @@ def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> Non
                 previous = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise DatasetError(f"{manifest}: unreadable ({exc}); pass --overwrite to start over") from exc
-            old = previous.get("settings", {})
+            old = {**_ADDED_SETTINGS, **previous.get("settings", {})}
             diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
             if diffs:
                 raise ResumeMismatchError(
@@ -263,11 +279,13 @@ class _Run:
     """The writers of one annotate call and the bookkeeping between them."""
 
     def __init__(self, out: Path, classes: list[str], settings: dict[str, Any], formats: tuple[str, ...],
-                 save_annotated: bool, checkpoint_s: float):
+                 save_annotated: bool, checkpoint_s: float, split: ValSplit):
         self.out, self.classes = out, classes
         self.journal_path = out / _JOURNAL
         info = {"description": "ovdet annotate", "model": settings["model"], "source": settings["source"]}
-        self.writers, self.coco = open_dataset_writers(out, classes, formats, info)
+        self.writers, self.coco = open_dataset_writers(out, classes, formats, info, split)
+        self.split = split
+        self.split_counts = [0, 0]  # images in the (train, val) split, finished ones of earlier runs included
         self.preview = PreviewWriter(out / "annotated", classes) if save_annotated else None
         if self.preview is not None:
             self.preview.start()
@@ -288,9 +306,10 @@ class _Run:
             for rec in read_journal(self.journal_path):
                 done.add(rec["image"])
                 self.used_keys.add(rec["key"].lower())
+                self.split_counts[self.split.is_val(rec["image"])] += 1
         self.journal = Journal(self.journal_path)
-        if self.coco is not None:  # the COCO file exists (and matches the journal) from the start
-            self.coco.rebuild(self.journal_path)
+        # the COCO file(s) and split lists exist (and match the journal) from the start
+        rebuild_from_journal(self.writers, self.coco, self.journal_path)
         # Unreadable files are retried on every run, so their old records go.
         atomic_write(self.out / _ERRORS, b"")
         self.errors = Journal(self.out / _ERRORS)
@@ -332,6 +351,7 @@ class _Run:
                 self.preview.write(rec, item.image)
             self.journal.append(rec.to_json(self.classes))
             self.counts.update(rec.class_ids.tolist())
+            self.split_counts[self.split.is_val(rec.image)] += 1
             self.images_done += 1
 
     def maybe_checkpoint(self) -> None:
@@ -347,11 +367,16 @@ class _Run:
     def _checkpoint(self) -> None:
         self.journal.sync()
         self.errors.sync()
-        if self.coco is not None:
-            self.coco.rebuild(self.journal_path, end=self.journal.size())
+        rebuild_from_journal(self.writers, self.coco, self.journal_path, end=self.journal.size())
 
     def finish(self) -> None:
         self._checkpoint()
+        empty = [name for name, n in zip(("train", "val"), self.split_counts) if n == 0]
+        if self.split.active and empty and any(self.split_counts):
+            warnings.warn(f"the {empty[0]} split is empty: --val-split {self.split.fraction:g} put "
+                          f"{self.split_counts[1]} of {sum(self.split_counts)} images in val. Use a fraction that "
+                          "leaves images on both sides (or more images) for a dataset ultralytics can train on.",
+                          OVDetWarning, stacklevel=2)
 
     def close(self) -> None:
         for j in (self.journal, self.errors):

@@ -23,7 +23,15 @@ from ovdet.errors import DatasetError, RelabelError
 from ovdet.progress import progress
 from ovdet.runlock import LOCK_NAME, lock_output
 from ovdet.runfolder import ERRORS, JOURNAL, MANIFEST, RunFolder, clear_outputs, load_run
-from ovdet.sinks import ImageRecord, Journal, atomic_write, open_dataset_writers, parse_formats
+from ovdet.sinks import (
+    ImageRecord,
+    Journal,
+    atomic_write,
+    open_dataset_writers,
+    parse_formats,
+    rebuild_from_journal,
+)
+from ovdet.splits import ValSplit
 
 __all__ = ["RelabelSummary", "parse_pairs", "relabel_run", "resolve_thresholds"]
 
@@ -183,7 +191,7 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
     with lock_output(out_path):
         _prepare_out(run.path, out_path, overwrite)
         info = {"description": "ovdet relabel", "model": settings.get("model"), "source": settings.get("source")}
-        writers, coco = open_dataset_writers(out_path, new_names, fmts, info)
+        writers, coco = open_dataset_writers(out_path, new_names, fmts, info, ValSplit.from_settings(settings))
         limits = np.array(thresholds, dtype=np.float64)
         counts: Counter[int] = Counter()
         images = kept = seen = 0
@@ -205,8 +213,7 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
                 seen += len(rec.class_ids)
                 bar.update(1)
             journal.sync()
-        if coco is not None:
-            coco.rebuild(out_path / JOURNAL)
+        rebuild_from_journal(writers, coco, out_path / JOURNAL)
         errors = run.path / ERRORS
         atomic_write(out_path / ERRORS, errors.read_bytes() if errors.exists() else b"")
         atomic_write(out_path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")

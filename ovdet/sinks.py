@@ -30,6 +30,7 @@ from supervision.dataset.formats.coco import classes_to_coco_categories
 
 from ovdet.draw import draw
 from ovdet.errors import DatasetError
+from ovdet.splits import ValSplit
 
 __all__ = [
     "FORMATS",
@@ -45,6 +46,7 @@ __all__ = [
     "open_dataset_writers",
     "parse_formats",
     "read_journal",
+    "rebuild_from_journal",
     "remove_stale_temp_files",
     "repair_journal",
 ]
@@ -300,12 +302,14 @@ class YoloWriter:
     """Ultralytics layout: images/ (links to the originals), labels/ (one txt each), data.yaml.
 
     `data.yaml` names the folder by absolute path, so `YOLO(...).train(data=".../data.yaml")` works
-    unchanged; train and val both point at images/ (the whole pseudo-labelled set).
+    unchanged. With an active `split` it points train and val at train.txt / val.txt (rebuilt from the
+    journal); without, both at images/ (the whole set), and a comment in it says so.
     """
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str]):
+    def __init__(self, root: str | os.PathLike, classes: Sequence[str], split: ValSplit | None = None):
         self.root = Path(root)
         self.classes = list(classes)
+        self.split = split or ValSplit()
         self.images = self.root / "images"
         self.labels = self.root / "labels"
         self.data_yaml = self.root / "data.yaml"
@@ -315,14 +319,28 @@ class YoloWriter:
         self.labels.mkdir(parents=True, exist_ok=True)
         for folder in (self.root, self.images, self.labels):
             remove_stale_temp_files(folder)
-        data = {
-            "path": str(self.root.resolve()),
-            "train": "images",
-            "val": "images",
-            "nc": len(self.classes),
-            "names": dict(enumerate(self.classes)),
-        }
-        atomic_write(self.data_yaml, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+        if self.split.active:
+            note = (f"# train/val: {self.split.fraction:g} of the images held out for validation by a hash of their "
+                    f"path (seed {self.split.seed}),\n# so every re-run and resume puts each image in the same split. "
+                    "train.txt and val.txt list them.\n")
+            train, val = "train.txt", "val.txt"
+        else:
+            note = ("# val = train: no images were held out, so validation scores are measured on the training "
+                    "images.\n# Annotate with --val-split 0.2 (for example) to hold out a validation split.\n")
+            train = val = "images"
+        data = {"path": str(self.root.resolve()), "train": train, "val": val, "nc": len(self.classes),
+                "names": dict(enumerate(self.classes))}
+        atomic_write(self.data_yaml, note + yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+    def rebuild(self, journal: str | os.PathLike, end: int | None = None) -> None:
+        """With a split: write train.txt and val.txt listing the images in `journal` (up to byte `end`)."""
+        if not self.split.active:
+            return
+        with atomic_open(self.root / "train.txt", "w", encoding="utf-8") as train, \
+                atomic_open(self.root / "val.txt", "w", encoding="utf-8") as val:
+            for rec in read_journal(journal, end):
+                fh = val if self.split.is_val(rec["image"]) else train
+                fh.write(f"./images/{rec['key']}{Path(rec['image']).suffix}\n")
 
     def write(self, rec: ImageRecord) -> None:
         # supervision's detections_to_yolo_annotations writes the same lines, one numpy call per box (~25 us);
@@ -421,34 +439,47 @@ class CocoWriter:
     """COCO detection JSON rebuilt from the journal, streamed to a temporary file and swapped in.
 
     Image `file_name` is the path relative to the input folder; annotations carry `score`.
-    Category ids are 1-based (class_id + 1), as supervision and the COCO tools expect.
+    Category ids are 1-based (class_id + 1), as supervision and the COCO tools expect. With an active
+    `split`, train.json and val.json beside it hold the two splits (the main file keeps every image).
     """
 
-    def __init__(self, path: str | os.PathLike, classes: Sequence[str], info: dict[str, Any] | None = None):
+    def __init__(self, path: str | os.PathLike, classes: Sequence[str], info: dict[str, Any] | None = None,
+                 split: ValSplit | None = None):
         self.path = Path(path)
         self.classes = list(classes)
         self.info = info or {}
+        self.split = split or ValSplit()
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.path.parent)
 
     def rebuild(self, journal: str | os.PathLike, end: int | None = None) -> None:
-        """Write the COCO file for every record in `journal` (up to byte `end`)."""
+        """Write the COCO file(s) for every record in `journal` (up to byte `end`)."""
+        self._write(self.path, journal, end, None)
+        if self.split.active:
+            self._write(self.path.with_name("train.json"), journal, end, False)
+            self._write(self.path.with_name("val.json"), journal, end, True)
+
+    def _write(self, path: Path, journal: str | os.PathLike, end: int | None, val: bool | None) -> None:
+        """One COCO file: all records (val None), or those of the val (True) or train (False) split."""
         def dump(obj: Any) -> str:
             return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
-        with atomic_open(self.path, "w", encoding="utf-8") as fh:
+        def records() -> Iterator[dict[str, Any]]:
+            return (r for r in read_journal(journal, end) if val is None or self.split.is_val(r["image"]) == val)
+
+        with atomic_open(path, "w", encoding="utf-8") as fh:
             fh.write('{"info":' + dump(self.info) + ',"licenses":[],"categories":'
                      + dump(classes_to_coco_categories(self.classes)) + ',\n"images":[')
-            for image_id, rec in enumerate(read_journal(journal, end), 1):
+            for image_id, rec in enumerate(records(), 1):
                 entry = {"id": image_id, "file_name": rec["image"], "width": rec["width"], "height": rec["height"]}
                 fh.write(("\n" if image_id == 1 else ",\n") + dump(entry))
             fh.write('],\n"annotations":[')
             # Same fields and 1-based category ids as supervision's detections_to_coco_annotations, plus
             # "score"; built from the journal's plain numbers (this runs over the whole run at each checkpoint).
             ann_id = 0
-            for image_id, rec in enumerate(read_journal(journal, end), 1):
+            for image_id, rec in enumerate(records(), 1):
                 anns = []
                 for d in rec["detections"]:
                     x1, y1, x2, y2 = d["bbox"]
@@ -463,16 +494,30 @@ class CocoWriter:
 
 
 def open_dataset_writers(root: str | os.PathLike, classes: Sequence[str], formats: Sequence[str],
-                         info: dict[str, Any] | None = None) -> tuple[list[YoloWriter | VocWriter], CocoWriter | None]:
-    """The started per-image writers (YOLO, VOC) and the COCO writer that `formats` ask for, under `root`."""
+                         info: dict[str, Any] | None = None, split: ValSplit | None = None,
+                         ) -> tuple[list[YoloWriter | VocWriter], CocoWriter | None]:
+    """The started per-image writers (YOLO, VOC) and the COCO writer that `formats` ask for, under `root`.
+
+    `split` (a train/val split) applies to the YOLO and COCO outputs.
+    """
     root = Path(root)
     writers: list[YoloWriter | VocWriter] = []
     if "yolo" in formats:
-        writers.append(YoloWriter(root / "yolo", classes))
+        writers.append(YoloWriter(root / "yolo", classes, split))
     if "voc" in formats:
         writers.append(VocWriter(root / "voc", classes))
-    coco = CocoWriter(root / "coco" / "annotations.json", classes, info) if "coco" in formats else None
+    coco = CocoWriter(root / "coco" / "annotations.json", classes, info, split) if "coco" in formats else None
     for writer in [*writers, coco]:
         if writer is not None:
             writer.start()
     return writers, coco
+
+
+def rebuild_from_journal(writers: Sequence[YoloWriter | VocWriter], coco: CocoWriter | None,
+                         journal: str | os.PathLike, end: int | None = None) -> None:
+    """Rewrite the files that cover the whole dataset (COCO files, YOLO split lists) from the journal."""
+    for writer in writers:
+        if isinstance(writer, YoloWriter):
+            writer.rebuild(journal, end)
+    if coco is not None:
+        coco.rebuild(journal, end)

@@ -141,7 +141,7 @@ class DiskFull:
 
 def run(src: Path, out: Path, **kw):
     return annotate_folder(src, CLASSES, out, detector=FakeDetector(), batch=2, quiet=True, save_annotated=True,
-                           checkpoint_s=0.0, **kw)
+                           checkpoint_s=0.0, val_split=0.5, **kw)  # the split's lists and files are written too
 
 
 def assert_journal_whole(out: Path) -> int:

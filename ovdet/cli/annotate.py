@@ -34,7 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="also write OUT/report.html to review the boxes and pick per-class thresholds "
                         "(see `ovdet report --help`)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    p.add_argument("--val-split", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of the images (e.g. 0.2) as the val split of the YOLO and COCO "
+                        "outputs, chosen by a hash of each image's path: the same on every re-run and resume. "
+                        "With 0, data.yaml's val is the training set (a comment in it says so)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the --val-split hash (another seed, "
+                                                                  "another split)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines) and no summary line")
     add_model_options(p)
     return p
 
@@ -44,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.classes, args.out, formats=args.format, detector=lambda: build_detector(args),
         imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
+        val_split=args.val_split, split_seed=args.split_seed,
     )
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
