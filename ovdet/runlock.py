@@ -38,7 +38,7 @@ LOCK_NAME = ".ovdet-lock"
 
 # Filesystem types whose locks are handled by a server or a user-space daemon that may not honour them.
 _NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
-               "afs", "ncpfs", "virtiofs", "davfs"}
+               "afs", "ncpfs", "virtiofs", "davfs", "fuse"}
 
 _held: dict[tuple[int, int], "RunLock"] = {}  # (st_dev, st_ino) of a held folder -> its lock
 _held_guard = threading.Lock()
@@ -206,12 +206,13 @@ def lock_output(folder: str | os.PathLike, command: str | None = None) -> Iterat
     try:
         fs = filesystem_type(folder)
         excludes = _excludes_second_open(lock_path)
-        reliable = excludes and fs.split(".")[0] not in _NETWORK_FS and fs != "fuse"
+        network = fs.split(".")[0] in _NETWORK_FS  # fuse.sshfs -> fuse
+        reliable = excludes and not network
         if not reliable:
             previous = read_holder(folder)
             if _alive_here(previous):
                 raise _locked_error(folder, previous)
-            how = "do not exclude a second writer" if not excludes else "may not be seen by other machines"
+            how = "may not be seen by other machines" if network else "do not exclude a second writer"
             warnings.warn(
                 f"{folder} is on a {fs or 'unknown'} filesystem where file locks {how}; ovdet cannot guarantee "
                 "that no other run writes into it at the same time. Make sure only one run uses this output "

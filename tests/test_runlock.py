@@ -127,8 +127,9 @@ def test_a_filesystem_where_flock_does_not_exclude_is_detected(tmp_path, monkeyp
             pass
 
 
-def test_a_network_filesystem_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(runlock, "filesystem_type", lambda path: "nfs4")
-    with pytest.warns(UnreliableLockWarning, match="nfs4 filesystem.*may not be seen by other machines"):
+@pytest.mark.parametrize("fs", ["nfs4", "cifs", "fuse.sshfs"])
+def test_a_network_filesystem_is_reported(tmp_path, monkeypatch, fs):
+    monkeypatch.setattr(runlock, "filesystem_type", lambda path: fs)
+    with pytest.warns(UnreliableLockWarning, match=f"{fs} filesystem.*may not be seen by other machines"):
         with lock_output(tmp_path / "out") as lock:
-            assert not lock.reliable and lock.fs_type == "nfs4"
+            assert not lock.reliable and lock.fs_type == fs

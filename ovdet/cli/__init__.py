@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import TextIO
 
 from ovdet.errors import OVDetError, OVDetWarning
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
     """ovdet's own warnings as one plain line (others as Python shows them)."""
     if issubclass(category, OVDetWarning):
         print(f"ovdet: warning: {message}", file=file or sys.stderr)
