@@ -89,11 +89,10 @@ class AnnotateSummary:
             parts.append(f"{self.images_already_done} already done")
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped (see {Path(self.out) / _ERRORS})")
-        if self.split is not None:
-            parts.append(f"split {self.split[0]} train / {self.split[1]} val")
+        split = f" (split: {self.split[0]} train / {self.split[1]} val)" if self.split is not None else ""
         return (
             f"{'; '.join(parts)} in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s); "
-            f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {self.out}"
+            f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {self.out}{split}"
         )
 
 

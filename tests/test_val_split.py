@@ -56,7 +56,7 @@ def test_split_is_a_stable_hash_of_the_image_path(src, tmp_path):
     train, val = split_of(tmp_path / "a")
     assert sorted(train + val) == sorted(r["image"] for r in journal(tmp_path / "a")) and not set(train) & set(val)
     assert 0 < len(val) < N and summary.split == (len(train), len(val))
-    assert f"split {len(train)} train / {len(val)} val" in summary.line()
+    assert summary.line().endswith(f" (split: {len(train)} train / {len(val)} val)")
     assert val == sorted(i for i in train + val if ValSplit(0.3, 0).is_val(i))
     assert coco_split_of(tmp_path / "a") == (train, val)
     data_text = (tmp_path / "a" / "yolo" / "data.yaml").read_text(encoding="utf-8")
