@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "when its score is above its class's threshold")
     p.add_argument("--default-conf", type=float, default=None, metavar="T",
                    help="threshold of the classes --conf does not name (default: the run's own per class)")
-    p.add_argument("--drop-class", default="", metavar="CLASS,...", help="classes to remove, comma-separated")
+    p.add_argument("--drop-class", default=None, metavar="CLASS,...", help="classes to remove, comma-separated")
     p.add_argument("--rename", default=None, metavar="OLD=NEW,...",
                    help='rename classes, e.g. "automobile=car"; two classes renamed to one name merge')
     p.add_argument("--min-area", type=float, default=0.0, metavar="PX2",
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     summary = relabel_run(args.run_dir, args.out, conf=args.conf, default_conf=args.default_conf,
-                          drop=args.drop_class, rename=args.rename, min_area=args.min_area, formats=args.format,
+                          drop=args.drop_class or (), rename=args.rename, min_area=args.min_area, formats=args.format,
                           overwrite=args.overwrite, quiet=args.quiet)
     if not args.quiet:
         print(summary.line(), file=sys.stderr)

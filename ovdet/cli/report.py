@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `ovdet annotate`, `relabel` or `eval`")
     p.add_argument("--no-thumbs", dest="thumbs", action="store_false",
-                   help="show the full images in the gallery instead of writing thumbnails (small runs)")
+                   help="show the full images in the gallery instead of writing thumbnails (small runs; by default "
+                        "thumbnails are written)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     return p
 
