@@ -45,8 +45,9 @@ class OVDetector:
 
     def __init__(self, model: str | Path | Any = "yolov8s-worldv2", text_model: str | Path | TextEncoder | None = None,
                  device: str | torch.device = "auto", half: bool | None = None, imgsz: int | None = None,
-                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300):
-        self.world = WorldDetector.load(model, device=device, half=half)
+                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, trust_weights: bool = False):
+        # trust_weights=True allows checkpoints that run code when loaded: only for files you trust
+        self.world = WorldDetector.load(model, device=device, half=half, trust_weights=trust_weights)
         self.imgsz = imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self._text = LazyTextEncoder(text_model, device=self.device, embedded_state=self.world.text_encoder_state)

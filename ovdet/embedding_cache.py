@@ -30,7 +30,7 @@ import torch
 
 from ovdet.errors import OVDetError, WeightsCorruptError
 from ovdet.text import TextEncoder
-from ovdet.weights import file_sha256, state_digest
+from ovdet.weights import cached_sha256, state_digest
 from ovdet.weights import home, resolve_text_model
 
 DEFAULT_MAX_MB = 128.0
@@ -262,23 +262,7 @@ class EmbeddingCache:
 
     def file_sha256(self, path: Path) -> str:
         """sha256 of a file, memoized under `sources/` by (real path, size, mtime, ctime, inode, device)."""
-        real = path.resolve()
-        st = real.stat()
-        key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}"
-        memo = self.root / "sources" / hashlib.sha256(key.encode()).hexdigest()[:32]
-        try:
-            digest = memo.read_text(encoding="ascii")
-            if re.fullmatch(r"[0-9a-f]{64}", digest):
-                return digest
-        except (FileNotFoundError, UnicodeDecodeError):
-            pass  # not memoized yet (or a damaged memo): hash the file
-        digest = file_sha256(real)
-        try:
-            _write_atomic(memo, digest.encode("ascii"))
-        except OSError as exc:
-            warnings.warn(f"Cannot memoize the hash of {real} in {memo.parent} ({exc}); it will be hashed "
-                          "again next time.", stacklevel=2)
-        return digest
+        return cached_sha256(path, memo_dir=self.root / "sources")
 
     def source_identity(self, path: Path) -> str:
         """`name@sha16` of a text-tower file, or of a Hugging Face folder (its config and weights files)."""

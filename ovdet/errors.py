@@ -39,6 +39,18 @@ class WeightsCorruptError(ModelError):
     """A weights file exists but is truncated, corrupt or not the expected kind of model."""
 
 
+class WeightsUnsafeError(ModelError):
+    """A weights file would run code when loaded (it names globals outside ovdet's allowlist); it was not loaded.
+
+    `names` lists the module.name globals it asked for. The way out, for files you trust: --trust-weights /
+    trust_weights=True, which runs code from the file.
+    """
+
+    def __init__(self, message: str, names: list[str] | None = None):
+        super().__init__(message)
+        self.names = list(names or [])
+
+
 class SourceError(OVDetError):
     """A video file, camera or stream cannot be opened or stopped delivering frames."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import sys
@@ -16,12 +17,13 @@ import torch
 import yaml
 from ultralytics.models.yolo.world import train as world_train
 from ultralytics.nn.tasks import WorldModel
-from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils import DEFAULT_CFG, RANK
 
-from ovdet.errors import DatasetError, ModelError
+from ovdet.checkpoint import TRUST_HINT, check_model_config, load_checkpoint
+from ovdet.errors import DatasetError, ModelError, WeightsUnsafeError
 from ovdet.evaluate import LabelledDataset, load_dataset
 from ovdet.text import TextEncoder
-from ovdet.world import TEXT_ENCODER_KEY, select_device
+from ovdet.world import TEXT_ENCODER_KEY, load_world_checkpoint, select_device
 
 METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)",
                "mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
@@ -31,12 +33,36 @@ class OVDetWorldTrainer(world_train.WorldTrainer):
     """ultralytics' WorldTrainer with class-name embeddings from an ovdet TextEncoder instead of the `clip` package."""
 
     def __init__(self, text_encoder: TextEncoder, cfg: Any = DEFAULT_CFG, overrides: dict | None = None,
-                 _callbacks: dict | None = None):
+                 _callbacks: dict | None = None, trust_weights: bool = False):
         super().__init__(cfg, overrides, _callbacks)
         self.text_encoder = text_encoder
+        self.trust_weights = trust_weights
+
+    def setup_model(self) -> dict | None:
+        """ultralytics' setup, with the starting checkpoint read by ovdet's safe loader instead of plain pickle."""
+        if self.trust_weights or isinstance(self.model, torch.nn.Module):
+            return super().setup_model()
+        cfg, weights, ckpt = self.model, None, None
+        if str(self.model).lower().endswith(".pt"):
+            weights, ckpt = load_world_checkpoint(Path(self.model))
+            cfg = weights.yaml
+        if isinstance(self.args.pretrained, (str, Path)):
+            weights, _ = load_world_checkpoint(Path(self.args.pretrained))
+        elif self.args.pretrained is False:
+            weights = None
+        self.model = self.get_model(cfg=cfg, weights=weights, verbose=RANK in {-1, 0})
+        return ckpt
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> WorldModel:
-        model = super().get_model(cfg, weights, verbose)
+        if isinstance(cfg, dict) and not self.trust_weights:
+            # a checkpoint's config: build from the checked dict itself, never from the yaml_file it names
+            # (a path or URL whose `activation` ultralytics would eval)
+            model = WorldModel(copy.deepcopy(check_model_config(cfg, str(self.args.model))),
+                               ch=self.data["channels"], nc=min(self.data["nc"], 80), verbose=verbose and RANK == -1)
+            if weights:
+                model.load(weights)
+        else:
+            model = super().get_model(cfg, weights, verbose)
         dim = int(model.txt_feats.shape[-1])
         if self.text_encoder.dim != dim:
             raise ModelError(f"The text tower gives {self.text_encoder.dim}-d embeddings but this detector expects "
@@ -148,16 +174,15 @@ def _is_default_text_model(text_model: Any) -> bool:
     return spec is not None and spec.name == DEFAULT_TEXT_MODEL
 
 
-def _start_model(model: str | Path) -> tuple[str, dict | None]:
+def _start_model(model: str | Path, trust_weights: bool = False) -> tuple[str, dict | None]:
     """What ultralytics should build from (yaml config or resolved .pt) and the text tower that .pt carries."""
     text = str(model)
     if text.endswith((".yaml", ".yml")):
         return text, None
     from ovdet.weights import resolve_detector
-    from ovdet.world import load_world_checkpoint
 
     path = resolve_detector(model)
-    _, ckpt = load_world_checkpoint(path)
+    _, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
     return str(path), ckpt.get(TEXT_ENCODER_KEY)
 
 
@@ -191,6 +216,7 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
           epochs: int = 10, imgsz: int = 640, batch: int = 16, device: str | torch.device = "auto",
           text_model: str | Path | TextEncoder | None = None, classes: Sequence[str] | None = None,
           val_data: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
+          trust_weights: bool = False,
           **overrides: Any) -> TrainResult:
     """Train a YOLO-World detector on a YOLO or COCO dataset; writes OUT/model.pt and returns its metrics.
 
@@ -199,6 +225,7 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
     than the default is stored in the checkpoint (fp16) under "ovdet_text_encoder", and training uses exactly
     those stored weights. `overrides` are further ultralytics training arguments (lr0=..., mosaic=..., ...).
     `quiet` silences ultralytics' output; when stdout is not a terminal its progress bars print plain lines.
+    Checkpoints are read without running code from them unless `trust_weights` (only for files you trust).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -206,7 +233,10 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
                            "(--overwrite).")
     if epochs < 1:
         raise DatasetError(f"epochs must be at least 1, got {epochs}.")
-    start, carried = _start_model(model)
+    if overrides.get("resume") and not trust_weights:
+        raise WeightsUnsafeError(f"resume={overrides['resume']!r} makes ultralytics read its last.pt with plain "
+                                 f"pickle, which can run code from the file. {TRUST_HINT}")
+    start, carried = _start_model(model, trust_weights)
     if isinstance(text_model, TextEncoder):
         encoder, embed = text_model, True
     elif text_model is None and carried is not None:
@@ -228,11 +258,11 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
             "exist_ok": True, "val": True}
     t0 = time.time()
     with _ultralytics_output(quiet):
-        trainer = OVDetWorldTrainer(encoder, overrides=args)
+        trainer = OVDetWorldTrainer(encoder, overrides=args, trust_weights=trust_weights)
         trainer.train()
     seconds = time.time() - t0
     best = trainer.best if trainer.best.exists() else trainer.last
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(best, trust=trust_weights)
     if text_state is not None:
         ckpt[TEXT_ENCODER_KEY] = text_state
     checkpoint = out / "model.pt"

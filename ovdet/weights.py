@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,42 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def cached_sha256(path: str | Path, memo_dir: Path | None = None) -> str:
+    """file_sha256, memoized in `memo_dir` (default $OVDET_HOME/hashes) by (real path, size, mtime, ctime,
+    inode, device): a file is hashed once, and again only when it changes."""
+    real = Path(path).resolve()
+    st = real.stat()
+    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}"
+    memo = (memo_dir or home() / "hashes") / hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        digest = memo.read_text(encoding="ascii")
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return digest
+    except (OSError, UnicodeDecodeError):
+        pass  # not memoized yet (or a damaged memo): hash the file
+    digest = file_sha256(real)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=".memo.", suffix=".part")
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(digest)
+        os.replace(tmp, memo)
+    except OSError as exc:
+        warnings.warn(f"Cannot memoize the hash of {real} in {memo.parent} ({exc}); it will be hashed again next "
+                      "time.", stacklevel=2)
+    return digest
+
+
+def verify_published(path: Path, spec: ModelSpec) -> Path:
+    """Check a registry file against its published sha256 (cached by size + mtime); WeightsCorruptError if not."""
+    if spec.sha256 and path.name == spec.filename and cached_sha256(path) != spec.sha256:
+        raise WeightsCorruptError(
+            f"{path} is not the published {spec.filename}: its sha256 differs from {spec.sha256}. Delete it and "
+            f"download it again ({spec.url}), or import a good copy with `ovdet weights import PATH`."
+        )
+    return path
+
+
 def state_digest(state_dict) -> str:
     """16 hex of a sha256 over a torch state dict's keys and tensor bytes: the identity of in-memory weights."""
     import torch  # here, so that weights management stays importable without loading torch
@@ -267,7 +304,7 @@ def resolve_detector(name_or_path: str | Path, download: bool = True) -> Path:
     text = str(name_or_path).strip()
     path = Path(text).expanduser()
     if path.is_file():
-        return check_checkpoint(path)
+        return path if path.suffix == ".safetensors" else check_checkpoint(path)  # a pair is checked on load
     if isinstance(name_or_path, Path) or "/" in text or _looks_like_path(text):
         raise WeightsNotFoundError(
             f"Detector weights file {path} does not exist. Check the path, or pass a model name "
@@ -283,7 +320,7 @@ def resolve_detector(name_or_path: str | Path, download: bool = True) -> Path:
     dirs = _detector_dirs()
     found = _find_file(filename, dirs)
     if found is not None:
-        return check_checkpoint(found)
+        return verify_published(check_checkpoint(found), spec) if spec else check_checkpoint(found)
     if spec is None:
         raise UnknownModelError(
             f"Unknown detector '{text}': it is neither an existing file nor a known model name. Known names: "
@@ -328,7 +365,7 @@ def resolve_text_model(name_or_path: str | Path | None = None, download: bool = 
         dirs = _text_dirs()
         found = _find_local_text()
         if found is not None:
-            return check_checkpoint(found) if found.is_file() else found
+            return verify_published(check_checkpoint(found), spec) if found.is_file() else found
         searched = [*dirs, _hf_cache_dir() / f"models--{spec.hf_id.replace('/', '--')}"]
         what = "CLIP text tower file"
         if offline:
@@ -358,8 +395,14 @@ def resolve_text_model(name_or_path: str | Path | None = None, download: bool = 
     return text
 
 
-def import_weights(path: str | Path, name: str | None = None) -> Path:
-    """Validate a weights file and copy it into weights_dir() (atomically) so it resolves by name."""
+def import_weights(path: str | Path, name: str | None = None, trust_weights: bool = False) -> Path:
+    """Validate a weights file and copy it into weights_dir() (atomically) so it resolves by name.
+
+    The file is read as ovdet will read it (no code from it runs unless `trust_weights`) and must be a YOLO-World
+    checkpoint or a CLIP text tower; anything else is refused before it is copied.
+    """
+    from ovdet.checkpoint import identify_weights
+
     src = Path(path).expanduser()
     if not src.is_file():
         raise WeightsNotFoundError(f"Cannot import {src}: no such file. Pass the path of a downloaded .pt file.")
@@ -372,11 +415,15 @@ def import_weights(path: str | Path, name: str | None = None) -> Path:
     spec = lookup(filename)
     if spec is not None and spec.name == "demo":
         raise ModelError("'demo' is the detector shipped inside ovdet; import under another --name.")
-    if spec is not None and spec.sha256 and filename == spec.filename and file_sha256(src) != spec.sha256:
+    if spec is not None and spec.sha256 and filename == spec.filename and cached_sha256(src) != spec.sha256:
         raise WeightsCorruptError(
             f"{src} is not the published {spec.filename} (sha256 differs from {spec.sha256}). Download a good "
             f"copy from {spec.url}, or import this file under another --name."
         )
+    kind = identify_weights(src, trust=trust_weights)  # before copying: a file that would run code stays out
+    if spec is not None and spec.kind != kind:
+        raise ModelError(f"{src} is a {'CLIP text tower' if kind == 'text' else 'detector'}, but {spec.name} names "
+                         f"a {spec.kind}: import it under another --name.")
     dest = weights_dir() / filename
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and dest.samefile(src):

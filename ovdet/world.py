@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import platform
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +11,13 @@ import numpy as np
 import torch
 from ultralytics.data.augment import LetterBox
 from ultralytics.nn.tasks import WorldModel
-from ultralytics.utils import LOGGER as ULTRALYTICS_LOGGER
 from ultralytics.utils import nms, ops
 
-from ovdet.errors import ModelError, WeightsCorruptError
-from ovdet.weights import file_sha256, resolve_detector, state_digest
+from ovdet.checkpoint import (TEXT_ENCODER_KEY, _quiet_ultralytics, load_checkpoint, load_safetensors_pair,
+                              world_model_of)
+from ovdet.errors import ModelError
+from ovdet.weights import cached_sha256, resolve_detector, state_digest
 
-TEXT_ENCODER_KEY = "ovdet_text_encoder"  # checkpoint key under which ovdet-trained models carry their text tower
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -47,28 +45,17 @@ def _channels_last_helps(device: torch.device) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-def load_world_checkpoint(path: Path) -> tuple[WorldModel, dict[str, Any]]:
-    """Read an ultralytics YOLO-World checkpoint; a truncated or foreign file raises WeightsCorruptError."""
-    if not zipfile.is_zipfile(path):
-        raise WeightsCorruptError(
-            f"{path} is not a readable PyTorch checkpoint (truncated download or wrong file). "
-            "Delete it and download it again, or import a good copy with `ovdet weights import PATH`."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch/pickle raise many types for damaged archives
-        raise WeightsCorruptError(
-            f"{path} could not be loaded ({type(exc).__name__}: {exc}). The file is damaged or was saved by an "
-            "incompatible program: download it again or import a good copy with `ovdet weights import PATH`."
-        ) from exc
-    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
-    if not isinstance(model, WorldModel):
-        kind = type(model).__name__ if model is not None else type(ckpt).__name__
-        raise WeightsCorruptError(
-            f"{path} holds a {kind}, not a YOLO-World model. ovdet needs a YOLO-World checkpoint such as "
-            "yolov8s-worldv2.pt, or one written by `ovdet train`."
-        )
-    return model.float(), ckpt
+def load_world_checkpoint(path: Path, trust_weights: bool = False) -> tuple[WorldModel, dict[str, Any]]:
+    """Read a YOLO-World checkpoint (.pt, or a .safetensors + .json pair) without running code from the file.
+
+    A file that would need globals outside ovdet's allowlist raises WeightsUnsafeError unless `trust_weights`
+    (which runs code from the file); a truncated or foreign file raises WeightsCorruptError.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors_pair(path)
+    ckpt = load_checkpoint(path, trust=trust_weights)
+    return world_model_of(ckpt, path), ckpt
 
 
 class WorldDetector:
@@ -100,8 +87,10 @@ class WorldDetector:
 
     @classmethod
     def load(cls, source: str | Path | WorldModel, device: str | torch.device = "auto",
-             half: bool | None = None) -> WorldDetector:
-        """Load from a checkpoint path, a registry name, an ultralytics yaml config (random weights) or a model."""
+             half: bool | None = None, trust_weights: bool = False) -> WorldDetector:
+        """Load from a checkpoint path, a registry name, an ultralytics yaml config (random weights) or a model.
+
+        Checkpoints are read without running code from them; `trust_weights=True` allows files that need it."""
         if isinstance(source, WorldModel):
             return cls(source, type(source).__name__, device, half)
         text = str(source)
@@ -114,9 +103,9 @@ class WorldDetector:
                                      "name such as 'yolov8s-worldv2.yaml'.") from exc
             return cls(model, Path(text).name, device, half)
         path = resolve_detector(text)
-        model, ckpt = load_world_checkpoint(path)
+        model, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
         imgsz = (ckpt.get("train_args") or {}).get("imgsz") or 640
-        return cls(model, path.stem, device, half, digest=file_sha256(path)[:16],
+        return cls(model, path.stem, device, half, digest=cached_sha256(path)[:16],
                    text_encoder_state=ckpt.get(TEXT_ENCODER_KEY),
                    train_imgsz=max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz))
 
@@ -214,14 +203,3 @@ class WorldDetector:
             det[:, :4] = ops.scale_boxes(batch.shape[2:], det[:, :4], im.shape)
             out.append(det.float().cpu())
         return out
-
-
-class _quiet_ultralytics:
-    """Silence ultralytics' model-summary logging while building from yaml."""
-
-    def __enter__(self):
-        self.level = ULTRALYTICS_LOGGER.level
-        ULTRALYTICS_LOGGER.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        ULTRALYTICS_LOGGER.setLevel(self.level)

@@ -85,6 +85,18 @@ def scene(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
     return img
 
 
+@pytest.fixture
+def clip_stand_in(monkeypatch):
+    """Tests that put a small stand-in ViT-B-32.pt where the published CLIP file goes: without its published sha256
+    in the registry (ovdet checks a registry file against it on load, and would rightly refuse the stand-in)."""
+    import dataclasses
+
+    from ovdet import weights
+
+    spec = weights.REGISTRY[weights.DEFAULT_TEXT_MODEL]
+    monkeypatch.setitem(weights.REGISTRY, spec.name, dataclasses.replace(spec, sha256=None))
+
+
 @pytest.fixture(scope="session")
 def tiny_world_checkpoint(tmp_path_factory):
     """Path of a random yolov8n-worldv2 checkpoint with a spread head."""

@@ -257,7 +257,7 @@ def test_embedded_tower_cache_hit(tmp_path, request):
     assert torch.equal(fresh.world._txt_feats, det.world._txt_feats)
 
 
-def test_default_openai_file_tower_hit_and_weight_change(tiny_world_checkpoint, monkeypatch):
+def test_default_openai_file_tower_hit_and_weight_change(tiny_world_checkpoint, monkeypatch, clip_stand_in):
     from ovdet.weights import weights_dir
 
     weights_dir().mkdir(parents=True)

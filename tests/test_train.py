@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from ovdet import OVDetector
+from ovdet.checkpoint import ALLOWED_GLOBALS, load_checkpoint, pickle_globals
 from ovdet.cli import main
 from ovdet.errors import DatasetError
 from ovdet.synth import WorldSpec, generate
@@ -56,8 +57,10 @@ def trained(tiny_world, text_folder, tmp_path_factory):
 
 
 def test_cli_train_writes_a_checkpoint_with_our_text_embeddings(trained, tiny_world, text_folder):
-    ckpt = torch.load(trained / "model.pt", map_location="cpu", weights_only=False)
-    model, _ = load_world_checkpoint(trained / "model.pt")
+    # what `ovdet train` writes (and ultralytics' own files beside it) loads with nothing outside the allowlist
+    for path in (trained / "model.pt", trained / "weights" / "best.pt", trained / "weights" / "last.pt"):
+        assert pickle_globals(path) <= ALLOWED_GLOBALS
+    model, ckpt = load_world_checkpoint(trained / "model.pt")
     names = list(yaml.safe_load(tiny_world.read_text())["names"].values())
     assert list(model.names.values()) == names
     state = ckpt[TEXT_ENCODER_KEY]
@@ -96,7 +99,7 @@ def test_cli_prints_a_final_metrics_line(trained, capsys, tiny_world):
     assert line.startswith("ovdet train: 1 epochs") and "mAP50" in line and str(out / "model.pt") in line
     model, ckpt = load_world_checkpoint(out / "model.pt")
     assert model.names[0] == "a red circle"
-    first = torch.load(trained / "model.pt", map_location="cpu", weights_only=False)[TEXT_ENCODER_KEY]
+    first = load_checkpoint(trained / "model.pt")[TEXT_ENCODER_KEY]
     for key, value in first["state_dict"].items():
         assert torch.equal(ckpt[TEXT_ENCODER_KEY]["state_dict"][key], value)
     assert ckpt["train_args"]["mosaic"] == 0.0

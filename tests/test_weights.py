@@ -314,12 +314,22 @@ def test_demo_resolves_to_package_asset(env, monkeypatch):
 # --- import --------------------------------------------------------------------------------------------------------
 
 
+def write_world_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A real (random-weight) YOLO-World checkpoint: `weights import` refuses anything else."""
+    from conftest import random_world_model, save_world_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_world_checkpoint(random_world_model(seed=seed), path)
+    return path
+
+
 def test_import_then_resolve_by_name(env):
-    src = write_checkpoint(env / "downloads" / "yolov8s-worldv2.pt")
+    src = write_world_checkpoint(env / "downloads" / "yolov8s-worldv2.pt")
     dest = weights.import_weights(src)
     assert dest == weights.weights_dir() / "yolov8s-worldv2.pt" and dest.read_bytes() == src.read_bytes()
     assert weights.resolve_detector("yolov8s-worldv2") == dest
-    custom = weights.import_weights(write_checkpoint(env / "downloads" / "run7-best.pt", seed=3), name="street")
+    custom = weights.import_weights(write_world_checkpoint(env / "downloads" / "run7-best.pt", seed=3),
+                                    name="street")
     assert custom == weights.weights_dir() / "street.pt"
     assert weights.resolve_detector("street") == custom
     assert files_in(weights.weights_dir()) == ["street.pt", "yolov8s-worldv2.pt"]
@@ -333,7 +343,7 @@ def test_import_rejects_bad_input(env):
     with pytest.raises(WeightsNotFoundError, match="no such file"):
         weights.import_weights(env / "absent.pt")
     with pytest.raises(ModelError, match="plain file name"):
-        weights.import_weights(write_checkpoint(env / "ok.pt"), name="sub/dir")
+        weights.import_weights(write_world_checkpoint(env / "ok.pt"), name="sub/dir")
     with pytest.raises(WeightsCorruptError, match="sha256"):
         weights.import_weights(write_checkpoint(env / "ViT-B-32.pt"))  # not the published CLIP file
     assert files_in(weights.weights_dir()) == []
@@ -355,7 +365,7 @@ def fake_hf_snapshot(hf_root: Path, repo_id: str) -> Path:
 
 
 @pytest.mark.parametrize("where", ["ovdet", "clip", "ultralytics"])
-def test_default_text_model_finds_local_vit_b32(env, where):
+def test_default_text_model_finds_local_vit_b32(env, where, clip_stand_in):
     folder = {"ovdet": weights.weights_dir(), "clip": env / "home" / ".cache" / "clip",
               "ultralytics": env / "ultralytics" / "clip"}[where]
     local = write_checkpoint(folder / "ViT-B-32.pt")
@@ -431,7 +441,7 @@ def cli(monkeypatch):
 
 
 def test_cli_list_path_import(env, cli, capsys):
-    src = write_checkpoint(env / "downloads" / "best.pt")
+    src = write_world_checkpoint(env / "downloads" / "best.pt")
     assert cli(["weights", "import", str(src), "--name", "yolov8m-worldv2"]) == 0
     out = capsys.readouterr().out
     dest = weights.weights_dir() / "yolov8m-worldv2.pt"
@@ -449,7 +459,7 @@ def test_cli_list_path_import(env, cli, capsys):
     assert table["clip-vit-b32"] == ["text", "missing"]
 
 
-def test_cli_path_text_model(env, cli, capsys):
+def test_cli_path_text_model(env, cli, capsys, clip_stand_in):
     local = write_checkpoint(env / "home" / ".cache" / "clip" / "ViT-B-32.pt")
     assert cli(["weights", "path", "clip-vit-b32"]) == 0
     assert capsys.readouterr().out.strip() == str(local)

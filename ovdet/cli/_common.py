@@ -24,6 +24,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--conf", type=float, default=0.25, help="minimum confidence of a detection")
     group.add_argument("--iou", type=float, default=0.7, help="IoU threshold of non-maximum suppression")
     group.add_argument("--max-det", type=int, default=300, help="most detections kept per image")
+    add_trust_option(group)
+
+
+def add_trust_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--trust-weights: load checkpoints that need code outside ovdet's allowlist."""
+    parser.add_argument("--trust-weights", action="store_true",
+                        help="load a .pt file even if it needs more than tensors and YOLO-World layers: this runs "
+                             "code from the file, only for files you trust (see README, Security)")
 
 
 def add_classes_option(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +44,7 @@ def add_classes_option(parser: argparse.ArgumentParser) -> None:
 def build_detector(args: argparse.Namespace) -> OVDetector:
     """An OVDetector from the parsed model options, with args.classes set."""
     det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
-                     imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det)
+                     imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det,
+                     trust_weights=args.trust_weights)
     det.set_classes(args.classes)
     return det

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovdet.cli import HelpFormatter
+from ovdet.cli._common import add_trust_option
 from ovdet.prompts import REDUCTIONS, ClassSpec, parse_classes
 
 _SPEC_HELP = ('a class file (.yaml/.yml/.json) or a comma-separated list with inline syntax, e.g. '
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                 help="detector whose embedded text tower to use (e.g. an `ovdet train` "
                                      "checkpoint); unset: only --text-model matters")
             action.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+            add_trust_option(action)
     return parser
 
 
@@ -48,7 +50,8 @@ def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
     if args.model is not None:
         from ovdet.detector import OVDetector
 
-        detector = OVDetector(args.model, text_model=args.text_model, device=args.device)
+        detector = OVDetector(args.model, text_model=args.text_model, device=args.device,
+                              trust_weights=args.trust_weights)
         identity = detector.text_identity
         cached = len(cache.get(identity, texts))
         detector.set_classes(spec)

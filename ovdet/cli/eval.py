@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     mapping = parse_mapping(args.map, dataset.names)
     classes = parse_class_names(args.classes) if args.classes else None
     det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
-                     imgsz=args.imgsz, max_det=args.max_det)
+                     imgsz=args.imgsz, max_det=args.max_det, trust_weights=args.trust_weights)
     result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
                       batch=args.batch, progress=not args.quiet, out=args.out)
     if args.json:

@@ -7,6 +7,7 @@ import argparse
 import yaml
 
 from ovdet.cli import HelpFormatter
+from ovdet.cli._common import add_trust_option
 from ovdet.detector import parse_class_names
 from ovdet.errors import DatasetError
 
@@ -53,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="print nothing but warnings and errors (ultralytics' progress and the final metrics line); "
                         "without it, output to a log or pipe has one plain line per progress bar, no redraw frames")
+    add_trust_option(p)
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="any other ultralytics training argument, e.g. --set lr0=0.002 --set mosaic=0.5 (repeatable)")
     return p
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(args.data, model=args.model, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                    batch=args.batch, device=args.device, text_model=args.text_model, classes=classes,
                    val_data=args.val_data, overwrite=args.overwrite, seed=args.seed, workers=args.workers,
-                   quiet=args.quiet, **overrides)
+                   quiet=args.quiet, trust_weights=args.trust_weights, **overrides)
     if args.quiet:
         return 0
     m = result.metrics

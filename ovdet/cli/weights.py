@@ -1,4 +1,4 @@
-"""`ovdet weights list|path|import`: see, locate and install model weights files."""
+"""`ovdet weights list|path|import|convert`: see, locate, install and convert model weights files."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 
 from ovdet import weights
 from ovdet.cli import HelpFormatter
+from ovdet.cli._common import add_trust_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the `weights` command and its three actions."""
+    """Register the `weights` command and its four actions."""
     parser = sub.add_parser(
         "weights",
         help="list, locate or import model weights",
@@ -37,6 +38,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     imp.add_argument("path", metavar="PATH", help="the .pt file to import")
     imp.add_argument("--name", default=None, help="name to store it under; none keeps the file's own name")
+    add_trust_option(imp)
+    conv = actions.add_parser(
+        "convert",
+        help="write a .pt detector as NAME.safetensors + NAME.json (no pickle: loading it cannot run code)",
+        description="Convert a YOLO-World .pt checkpoint into a safetensors file plus its model config (json), "
+                    "next to it. ovdet loads the pair anywhere a .pt works (--model NAME.safetensors), with "
+                    "identical detections.",
+        formatter_class=HelpFormatter,
+    )
+    conv.add_argument("path", metavar="FILE", help="the .pt checkpoint to convert, or a detector name")
+    conv.add_argument("--out", default=None,
+                      help="output path without suffix (default: FILE without .pt; for a name, NAME in the current "
+                           "folder)")
+    add_trust_option(conv)
     return parser
 
 
@@ -64,7 +79,19 @@ def run(args: argparse.Namespace) -> int:
         return _list()
     if args.weights_action == "path":
         return _path(args.name, args.download)
-    dest = weights.import_weights(args.path, name=args.name)
+    if args.weights_action == "convert":
+        from ovdet.checkpoint import convert_to_safetensors
+
+        from pathlib import Path
+
+        is_file = Path(args.path).expanduser().is_file()
+        src = Path(args.path).expanduser() if is_file else weights.resolve_detector(args.path)
+        dest = args.out if args.out or is_file else Path.cwd() / src.stem
+        out = convert_to_safetensors(src, dest, trust=args.trust_weights)
+        print(f"Wrote {out} and {out.with_suffix('.json')}")
+        print(f"Use it as: --model {out}")
+        return 0
+    dest = weights.import_weights(args.path, name=args.name, trust_weights=args.trust_weights)
     print(f"Imported {args.path} -> {dest}")
     spec = weights.lookup(dest.name)
     if spec is not None and spec.kind == "text":
