@@ -187,7 +187,8 @@ class ImageRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ImageRecord":
-        dets = d["detections"]
+        """From a journal line (see `checked_record`: its key names output files)."""
+        dets = checked_record(d)["detections"]
         return cls(
             d["image"], d["path"], d["key"], int(d["width"]), int(d["height"]),
             np.array([x["bbox"] for x in dets], np.float64).reshape(-1, 4),
@@ -253,7 +254,29 @@ def read_journal(path: str | os.PathLike, end: int | None = None) -> Iterator[di
             pos += len(line)
             if end is not None and pos > end:
                 return
-            yield json.loads(line)
+            yield checked_record(json.loads(line))
+
+
+def checked_record(d: Any) -> Any:
+    """A journal record whose `key` (the stem of the output files written for it) is a plain file name: a journal
+    edited by hand or by another program must not make ovdet write outside the output folder."""
+    key = d.get("key", "") if isinstance(d, dict) else ""
+    if isinstance(d, dict) and "key" in d and (not isinstance(key, str) or not key or key in (".", "..")
+                                               or any(c in key for c in "/\\\0")):
+        raise DatasetError(f"Journal record for {d.get('image')!r} has key {key!r}, which is not a plain file name: "
+                           "output files are named after it, so it could write outside the output folder. This "
+                           "journal was not written by ovdet annotate; annotate the images again.")
+    return d
+
+
+def real_dir(folder: Path) -> Path:
+    """Create `folder` (and parents); refuse one that is a symbolic link, so that every file a writer puts in it
+    stays inside the output folder instead of landing wherever the link points."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink():
+        raise DatasetError(f"{folder} is a symbolic link (to {os.readlink(folder)}): ovdet writes only inside the "
+                           "output folder. Remove the link, or choose another output folder.")
+    return folder
 
 
 class Journal:
@@ -261,7 +284,11 @@ class Journal:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self.path.is_symlink():
+            raise DatasetError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}): ovdet appends only to "
+                               "its own journal inside the output folder. Remove the link.")
+        # O_NOFOLLOW: a link made after the check above fails instead of being followed
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         self._end = os.fstat(self._fd).st_size  # end of the last whole record (one writer: the folder is locked)
 
     def append(self, record: dict[str, Any]) -> None:
@@ -315,8 +342,8 @@ class YoloWriter:
         self.data_yaml = self.root / "data.yaml"
 
     def start(self) -> None:
-        self.images.mkdir(parents=True, exist_ok=True)
-        self.labels.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.images, self.labels):
+            real_dir(folder)
         for folder in (self.root, self.images, self.labels):
             remove_stale_temp_files(folder)
         if self.split.active:
@@ -365,7 +392,7 @@ class VocWriter:
 
     def start(self) -> None:
         for folder in (self.annotations, self.images):
-            folder.mkdir(parents=True, exist_ok=True)
+            real_dir(folder)
             remove_stale_temp_files(folder)
 
     def write(self, rec: ImageRecord) -> None:
@@ -424,7 +451,7 @@ class PreviewWriter:
         self.quality = quality
 
     def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        real_dir(self.root)
         remove_stale_temp_files(self.root)
 
     def write(self, rec: ImageRecord, image: np.ndarray) -> None:
@@ -451,7 +478,7 @@ class CocoWriter:
         self.split = split or ValSplit()
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        real_dir(self.path.parent)
         remove_stale_temp_files(self.path.parent)
 
     def rebuild(self, journal: str | os.PathLike, end: int | None = None) -> None:
