@@ -37,7 +37,7 @@ from ovdet.runlock import LOCK_NAME, lock_output
 from ovdet.runfolder import ERRORS as _ERRORS
 from ovdet.runfolder import JOURNAL as _JOURNAL
 from ovdet.runfolder import MANIFEST as _MANIFEST
-from ovdet.runfolder import clear_outputs
+from ovdet.runfolder import clear_outputs, error_record
 from ovdet.sinks import (
     FORMATS,
     ImageRecord,
@@ -119,6 +119,7 @@ def annotate_folder(
     checkpoint_s: float = 60.0,
     val_split: float = 0.0,
     split_seed: int = 0,
+    engine: str | Any = "local",
 ) -> AnnotateSummary:
     """Detect `classes` in every image under `src` and write the datasets named in `formats` to `out`.
 
@@ -130,17 +131,29 @@ def annotate_folder(
     ResumeMismatchError unless `overwrite` (which deletes the previous outputs first).
     `val_split` > 0 holds out that fraction of the images as the val split of the YOLO and COCO outputs,
     chosen by a hash of each image's path and `split_seed` (the same on every re-run and resume).
+    `engine` is "local" (threads in this process) or "ray" (a Ray Data actor pool over a cluster; a
+    `ovdet.distributed.RayEngine` sets its address and workers); `src` may then also be a URI such as
+    s3://bucket/prefix. Both engines write the same outputs, and either can resume the other's run.
     Raises DatasetError up front for a missing or empty input folder, or an output folder inside it.
     """
+    ray_engine = _ray_engine(engine)
+    if ray_engine is None and "://" in os.fspath(src):
+        raise DatasetError(f"{src}: the local engine reads folders; a URI source needs engine='ray' (--engine ray)")
     src_path, out_path = Path(src), Path(out)
-    _check_folders(src_path, out_path)
+    source = None if ray_engine is None else ray_engine.source(src, recursive=recursive)
+    if source is None or source.local:
+        src_path = source.folder if source is not None else src_path
+        _check_folders(src_path, out_path)
+    else:
+        _check_out(out_path)
     fmts = parse_formats(formats)
     if batch < 1:
         raise DatasetError(f"batch must be at least 1, got {batch}")
     split = ValSplit(float(val_split), int(split_seed))
     spec = parse_classes(classes)
     names = list(spec.names)
-    require_image_files(src_path, recursive=recursive)
+    if source is None or source.local:
+        require_image_files(src_path, recursive=recursive)
 
     # One writer per output folder, held before the (slow) model load so a second run fails at once;
     # a full disk (or a read-only or vanished folder) ends the run with a clear word instead of a traceback.
@@ -149,6 +162,9 @@ def annotate_folder(
             from ovdet.detector import OVDetector
 
             kwargs = {} if imgsz is None else {"imgsz": imgsz}
+            if ray_engine is not None:  # the driver only encodes the classes; the workers run on `device`
+                ray_engine = dataclasses.replace(ray_engine, device=device, half=half)
+                device, half = "cpu", False
             detector = OVDetector(model, text_model=text_model, device=device, half=half, **kwargs)
         elif callable(detector) and not hasattr(detector, "detect_batch"):
             detector = detector()
@@ -156,7 +172,7 @@ def annotate_folder(
             detector.set_classes(spec)
 
         settings = {
-            "source": str(src_path.resolve()),
+            "source": str(src_path.resolve()) if source is None or source.local else source.uri,
             "recursive": bool(recursive),
             "classes": json.loads(json.dumps(dataclasses.asdict(spec))),  # phrasings, thresholds, negatives too
             "model": detector.model_id,
@@ -175,36 +191,16 @@ def annotate_folder(
         run = _Run(out_path, names, settings, fmts, save_annotated, checkpoint_s, split)
         try:
             done = run.load_journal()
-            # Two walks instead of a list of every path: memory stays flat however large the folder is.
-            found = already = 0
-            for f in iter_image_files(src_path, recursive=recursive):
-                found += 1
-                already += f.relative_to(src_path).as_posix() in done
-            pending = (f for f in iter_image_files(src_path, recursive=recursive)
-                       if f.relative_to(src_path).as_posix() not in done)
-            bar = progress(total=found, initial=already, unit="img", desc="annotate", quiet=quiet)
             detect_kwargs: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
             if imgsz is not None:
                 detect_kwargs["imgsz"] = imgsz
             start = time.perf_counter()
-            chunk: list[LoadedImage] = []
-            with bar:
-                for item in prefetch_images(pending, workers=workers, ahead=max(2 * batch, 8)):
-                    if item.error is not None:
-                        run.record_error(item, src_path)
-                        bar.update(1)
-                        continue
-                    chunk.append(item)
-                    if len(chunk) == batch:
-                        run.process(chunk, detector.detect_batch(
-                            [c.image for c in chunk], **detect_kwargs), src_path)
-                        bar.update(len(chunk))
-                        chunk = []
-                        run.maybe_checkpoint()
-                if chunk:
-                    run.process(chunk, detector.detect_batch([c.image for c in chunk], **detect_kwargs), src_path)
-                    bar.update(len(chunk))
-                run.finish()
+            if ray_engine is not None:
+                found, already = ray_engine.run(run, source, done, detector, detect_kwargs, batch=batch, quiet=quiet)
+            else:
+                found, already = _run_local(run, src_path, done, detector, detect_kwargs, batch=batch,
+                                            recursive=recursive, workers=workers, quiet=quiet)
+            run.finish()
             seconds = time.perf_counter() - start
         finally:
             run.close()
@@ -214,6 +210,47 @@ def annotate_folder(
         detections_per_class={n: run.counts.get(i, 0) for i, n in enumerate(names)}, seconds=seconds,
         split=(run.split_counts[0], run.split_counts[1]) if split.active else None,
     )
+
+
+def _run_local(run: "_Run", src: Path, done: set[str], detector: Any, detect_kwargs: dict[str, Any], batch: int,
+               recursive: bool, workers: int | None, quiet: bool) -> tuple[int, int]:
+    """The local engine: decode in threads, detect in batches in this process; returns (found, already done)."""
+    # Two walks instead of a list of every path: memory stays flat however large the folder is.
+    found = already = 0
+    for f in iter_image_files(src, recursive=recursive):
+        found += 1
+        already += f.relative_to(src).as_posix() in done
+    pending = (f for f in iter_image_files(src, recursive=recursive) if f.relative_to(src).as_posix() not in done)
+    chunk: list[LoadedImage] = []
+    with progress(total=found, initial=already, unit="img", desc="annotate", quiet=quiet) as bar:
+        for item in prefetch_images(pending, workers=workers, ahead=max(2 * batch, 8)):
+            if item.error is not None:
+                run.record_error(item, src)
+                bar.update(1)
+                continue
+            chunk.append(item)
+            if len(chunk) == batch:
+                run.process(chunk, detector.detect_batch([c.image for c in chunk], **detect_kwargs), src)
+                bar.update(len(chunk))
+                chunk = []
+                run.maybe_checkpoint()
+        if chunk:
+            run.process(chunk, detector.detect_batch([c.image for c in chunk], **detect_kwargs), src)
+            bar.update(len(chunk))
+    return found, already
+
+
+def _ray_engine(engine: str | Any) -> Any:
+    """None for the local engine, else the RayEngine asked for ("ray" or a RayEngine); DatasetError otherwise."""
+    if isinstance(engine, str) and engine.strip().lower() == "local":
+        return None
+    if isinstance(engine, str) and engine.strip().lower() == "ray":
+        from ovdet.distributed import RayEngine
+
+        return RayEngine()
+    if hasattr(engine, "run") and hasattr(engine, "source"):
+        return engine
+    raise DatasetError(f"unknown engine {engine!r}: use 'local' (this process) or 'ray' (a Ray cluster)")
 
 
 def _finished_note(out: Path) -> str:
@@ -240,6 +277,10 @@ def _check_folders(src: Path, out: Path) -> None:
             f"output folder {out} is inside the input folder {src}: its previews and links would be "
             "picked up as input; choose an --out folder outside the input folder"
         )
+    _check_out(out)
+
+
+def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: output path exists and is a file; choose a folder")
     if out.is_dir() and not (out / _MANIFEST).exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
@@ -314,7 +355,7 @@ class _Run:
         self.errors = Journal(self.out / _ERRORS)
         return done
 
-    def _key(self, rel: str) -> str:
+    def key_for(self, rel: str) -> str:
         """A flat output file stem unique in this run (case-insensitively): sub/dir/a.jpg -> sub__dir__a."""
         p = PurePosixPath(rel)
         base = str(p.with_suffix("")).replace("/", "__")
@@ -330,11 +371,12 @@ class _Run:
 
     def record_error(self, item: LoadedImage, src: Path) -> None:
         path = Path(item.source)
-        reason = str(item.error)
-        reason = reason[len(f"{path}: "):] if reason.startswith(f"{path}: ") else reason  # path has its own key
-        self.errors.append({"image": path.relative_to(src).as_posix(), "path": os.path.abspath(path),
-                            "reason": reason})
-        self.skipped.append((str(path), reason))
+        self.add_error(error_record(path.relative_to(src).as_posix(), os.path.abspath(path), item.error, path))
+
+    def add_error(self, record: dict[str, str]) -> None:
+        """Append one errors.jsonl record (image, path, reason) of a file that could not be read."""
+        self.errors.append(record)
+        self.skipped.append((record["path"], record["reason"]))
 
     def process(self, chunk: list[LoadedImage], results: list[Any], src: Path) -> None:
         """Write every output of each image, journal entry last (it marks the image as done)."""
@@ -343,15 +385,19 @@ class _Run:
         for item, dets in zip(chunk, results):
             path = Path(item.source)
             rel = path.relative_to(src).as_posix()
-            rec = ImageRecord.from_detections(rel, os.path.abspath(path), self._key(rel), item.image.shape, dets)
-            for writer in self.writers:
-                writer.write(rec)
-            if self.preview is not None:
-                self.preview.write(rec, item.image)
-            self.journal.append(rec.to_json(self.classes))
-            self.counts.update(rec.class_ids.tolist())
-            self.split_counts[self.split.is_val(rec.image)] += 1
-            self.images_done += 1
+            rec = ImageRecord.from_detections(rel, os.path.abspath(path), self.key_for(rel), item.image.shape, dets)
+            self.write(rec, item.image)
+
+    def write(self, rec: ImageRecord, image: Any = None) -> None:
+        """Write every output of one image (the preview only given its pixels), journal entry last."""
+        for writer in self.writers:
+            writer.write(rec)
+        if self.preview is not None and image is not None:
+            self.preview.write(rec, image)
+        self.journal.append(rec.to_json(self.classes))
+        self.counts.update(rec.class_ids.tolist())
+        self.split_counts[self.split.is_val(rec.image)] += 1
+        self.images_done += 1
 
     def maybe_checkpoint(self) -> None:
         """Every checkpoint_s seconds: fsync the journal and refresh the COCO file from it."""

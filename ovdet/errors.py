@@ -79,6 +79,10 @@ class OutputWriteError(DatasetError):
         self.errno = errno
 
 
+class EngineError(OVDetError):
+    """A job engine cannot run as asked: Ray not installed, no cluster at the address, outputs not shared."""
+
+
 class OVDetWarning(UserWarning):
     """Base class of the warnings ovdet gives (the CLI prints them as one plain line)."""
 

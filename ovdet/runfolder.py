@@ -18,13 +18,23 @@ from typing import Any
 from ovdet.errors import DatasetError
 from ovdet.sinks import read_journal
 
-__all__ = ["ERRORS", "JOURNAL", "MANIFEST", "OUTPUTS", "RunFolder", "clear_outputs", "load_run"]
+__all__ = ["ERRORS", "JOURNAL", "MANIFEST", "OUTPUTS", "RunFolder", "clear_outputs", "error_record", "load_run"]
 
 MANIFEST = "run.json"
 JOURNAL = "predictions.jsonl"
 ERRORS = "errors.jsonl"
 # Everything a run (and a report of it) writes in its folder: what --overwrite removes, and nothing else.
-OUTPUTS = (MANIFEST, JOURNAL, ERRORS, "coco", "yolo", "voc", "annotated", "thumbs", "report.html")
+OUTPUTS = (MANIFEST, JOURNAL, ERRORS, "coco", "yolo", "voc", "annotated", "thumbs", "report.html",
+           "originals", ".ovdet-ray")  # the last two: the Ray engine's copies of object-store images, its part files
+
+
+def error_record(image: str, path: str, error: BaseException, named: str | os.PathLike | None = None) -> dict[str, str]:
+    """The errors.jsonl record of an unreadable file: its path relative to the input, its full path, the reason.
+
+    `named` is the name the error message starts with, if not `path`; the record drops it (path has its own key).
+    """
+    reason, prefix = str(error), f"{path if named is None else named}: "
+    return {"image": image, "path": path, "reason": reason[len(prefix):] if reason.startswith(prefix) else reason}
 
 
 def clear_outputs(folder: str | os.PathLike) -> None:

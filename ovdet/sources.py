@@ -29,6 +29,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLike",
     "LoadedImage",
+    "decode_image",
     "iter_image_files",
     "list_image_files",
     "load_image",
@@ -143,7 +144,16 @@ def _read_bytes(path: Path) -> bytes:
 
 def _from_file(path: Path) -> np.ndarray:
     """Decode an image file strictly; cv2 for plain JPEGs (fast), PIL for everything else."""
-    data = _read_bytes(path)
+    return decode_image(_read_bytes(path), path)
+
+
+def decode_image(data: bytes, path: str | os.PathLike) -> np.ndarray:
+    """Decode the bytes of an image file (read from disk or object storage) to BGR uint8 by load_image's rules.
+
+    `path` names the file in error messages. Raises ImageReadError for empty, truncated, corrupt or unknown data.
+    """
+    if not data:
+        raise ImageReadError(f"{path}: file is empty (0 bytes); re-copy or delete it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

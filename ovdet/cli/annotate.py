@@ -8,6 +8,8 @@ import sys
 from ovdet.annotate import annotate_folder
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.distributed import RayEngine
+from ovdet.errors import DatasetError
 from ovdet.report import write_report
 from ovdet.sinks import FORMATS
 
@@ -19,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "Unreadable files are listed in OUT/errors.jsonl and skipped. An interrupted run resumes "
                     "where it stopped when started again with the same command.",
         formatter_class=HelpFormatter)
-    p.add_argument("src", metavar="SRC", help="folder of images (jpg, jpeg, png, bmp, webp, tif, tiff)")
+    p.add_argument("src", metavar="SRC", help="folder of images (jpg, jpeg, png, bmp, webp, tif, tiff); with --engine ray "
+                                           "also a URI: file://, s3://, gs://, abfs://, hdfs://")
     add_classes_option(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not be inside SRC)")
     p.add_argument("--format", default=",".join(FORMATS), metavar="FMT[,FMT...]",
@@ -42,15 +45,38 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                                   "another split)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines) and no summary line")
     add_model_options(p)
+    ray = p.add_argument_group("engine")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: threads in this process; ray: a Ray Data actor pool over a cluster (needs "
+                          '`pip install "ovdet[ray]"`; same outputs, and either engine resumes the other\'s run)')
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="Ray cluster to join, e.g. auto, 10.0.0.5:6379 or ray://head:10001 (default: the cluster "
+                          "running on this machine if any, else a local one for this run)")
+    ray.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="detector workers (Ray actors), each with its own copy of the model (default: as many as "
+                          "the cluster's CPUs, or GPUs with --gpus-per-worker, allow)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                     help="CPUs each worker reserves; also its torch threads")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                     help="GPUs each worker reserves (1: one model per GPU; 0.5: two per GPU); --device auto then "
+                          "runs it on CUDA")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    engine: str | RayEngine = "local"
+    if args.engine == "ray":  # the workers build their detectors on --device; the driver encodes classes on its CPU
+        engine = RayEngine(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                           gpus_per_worker=args.gpus_per_worker)
+    elif args.workers is not None or args.ray_address is not None:
+        raise DatasetError("--workers and --ray-address are options of --engine ray; add --engine ray to use them")
     summary = annotate_folder(
-        args.src, args.classes, args.out, formats=args.format, detector=lambda: build_detector(args),
+        args.src, args.classes, args.out, formats=args.format,
+        detector=None if args.engine == "ray" else lambda: build_detector(args),
+        model=args.model, text_model=args.text_model, device=args.device, half=args.half,
         imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
-        val_split=args.val_split, split_seed=args.split_seed,
+        val_split=args.val_split, split_seed=args.split_seed, engine=engine,
     )
     if not args.quiet:
         print(summary.line(), file=sys.stderr)

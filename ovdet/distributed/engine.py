@@ -1,0 +1,254 @@
+"""The Ray Data engine of `annotate`: a streaming actor pool over a cluster, part files merged by the driver.
+
+The driver (the process that called annotate_folder) holds the output folder's lock, encodes the classes
+once, puts the detector (weights and class embeddings) into the object store once, lists the source
+lazily and hands Ray Data windows of (image, output key) rows. `map_batches` runs them through a pool of
+`Annotator` actors (one detector each, on `cpus_per_worker` CPUs or `gpus_per_worker` GPUs); Ray restarts a
+worker that dies and retries its batch. Each batch comes back as a part file, which the driver merges
+through the local engine's writers (predictions.jsonl last), so both engines write the same outputs.
+
+Exactly once: an image is merged only if predictions.jsonl does not hold it yet, and output keys are given
+out by the driver in folder order, as the local engine does. A killed driver leaves finished parts behind;
+the next run merges them first and then does only the images that are still missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ovdet.distributed.parts import PARTS, RUN_TOKEN, list_parts, part_dir, read_part
+from ovdet.distributed.storage import Source, open_source
+from ovdet.distributed.worker import Annotator, DetectorPayload, WorkerSpec
+from ovdet.errors import DatasetError, EngineError, OVDetError
+from ovdet.progress import progress
+from ovdet.sinks import ImageRecord, atomic_write, remove_stale_temp_files
+
+if TYPE_CHECKING:  # the run object comes from ovdet.annotate, which imports this package lazily
+    from ovdet.annotate import _Run
+
+__all__ = ["RayEngine"]
+
+_INSTALL_HINT = 'pip install "ovdet[ray]"'
+
+
+@dataclass(frozen=True)
+class RayEngine:
+    """annotate on Ray Data: `annotate_folder(..., engine=RayEngine(workers=4, gpus_per_worker=1))`.
+
+    `address`: a Ray cluster ("auto", "ray://head:10001", "10.0.0.5:6379"); None joins the cluster running
+    on this machine if there is one, else starts a local one. `workers`: detector actors (default: as many
+    as the cluster has CPUs / GPUs for). `device` / `half` apply to the workers (the driver encodes the
+    classes on its CPU). `part_size`: images per worker call and part file (default: from the batch and the
+    number of images); `window`: images handed to Ray Data at a time (bounds the driver's memory).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    device: str = "auto"
+    half: bool | None = None
+    part_size: int | None = None
+    window: int = 50_000
+
+    def source(self, src: str | os.PathLike, recursive: bool = True) -> Source:
+        """Where the images are: a folder or a URI (see ovdet.distributed.storage)."""
+        return open_source(src, recursive=recursive)
+
+    def run(self, run: "_Run", source: Source, done: set[str], detector: Any, detect_kwargs: dict[str, Any],
+            batch: int, quiet: bool) -> tuple[int, int]:
+        """Annotate what `done` lacks into `run`'s writers; returns (images found, images already done)."""
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or (self.workers is not None and self.workers < 1):
+            raise EngineError("--workers must be at least 1, --cpus-per-worker above 0 and --gpus-per-worker 0 or "
+                              "more")
+        ray = _import_ray()
+        started = _connect(ray, self.address, quiet)
+        try:
+            return _Driver(self, ray, run, source, done, detector, detect_kwargs, batch, quiet).run()
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise EngineError(f"--engine ray needs Ray Data, which is not installed here ({exc}); {_INSTALL_HINT} "
+                          "(or use the default local engine)") from exc
+    return ray
+
+
+def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
+    """Join `address` (or the cluster running here, else a new local one); True if this call connected."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise EngineError(f"cannot connect to the Ray cluster at {address!r} ({exc}); start one with "
+                              "`ray start --head` (see the README) or leave --ray-address out to use this machine")
+        return True
+    try:
+        ray.init(address="auto", **kwargs)
+    except ConnectionError:  # no cluster running here: a local one for this run
+        ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def _payload(detector: Any) -> DetectorPayload:
+    """The detector's weights (a CPU float copy) and its class embeddings, to ship to every worker once."""
+    world = getattr(detector, "world", None)
+    model = getattr(world, "model", None)
+    spec = getattr(detector, "class_spec", None)
+    if model is None or spec is None or getattr(model, "txt_feats", None) is None:
+        raise EngineError(f"engine='ray' ships an OVDetector's weights and classes to its workers; a "
+                          f"{type(detector).__name__} has none. Pass an OVDetector (or model=...) instead.")
+    embeddings = model.txt_feats[0].detach().float().cpu()
+    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != embeddings.dtype:
+        model = copy.deepcopy(model).float().cpu()
+    return DetectorPayload(model, spec, embeddings, int(detector.imgsz))
+
+
+def _ovdet_cause(exc: BaseException) -> OVDetError | None:
+    """The ovdet error a worker raised, from inside Ray's wrappers (None if there is none)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OVDetError) and type(e).__module__.startswith("ovdet"):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+class _Driver:
+    """One Ray run: merge leftovers, list, dispatch windows, merge parts as they come back."""
+
+    def __init__(self, engine: RayEngine, ray: Any, run: "_Run", source: Source, done: set[str], detector: Any,
+                 detect_kwargs: dict[str, Any], batch: int, quiet: bool):
+        self.engine, self.ray, self.run_, self.source, self.done = engine, ray, run, source, done
+        self.detector, self.detect_kwargs, self.batch, self.quiet = detector, detect_kwargs, batch, quiet
+        self.out: Path = run.out
+        self.assigned: dict[str, str] = {}  # image -> output key, handed out and not merged yet
+        self.errored: set[str] = set()  # images with an errors.jsonl record in this run
+
+    def run(self) -> tuple[int, int]:
+        folder = part_dir(self.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(folder)
+        token = uuid.uuid4().hex
+        atomic_write(self.out / PARTS / RUN_TOKEN, token)
+        # Parts that a killed driver did not merge: their images are done. Their errors are dropped, as
+        # every run retries unreadable files.
+        for path in list_parts(self.out):
+            self._merge(path, keep_errors=False)
+
+        found = already = 0
+        for rel in self.source.list_images():  # a first walk to count (a folder is not held in memory)
+            found += 1
+            already += rel in self.done
+        if not found:
+            raise DatasetError(f"{self.source.uri}: no image files found; point to a folder or prefix of images")
+        workers = self._workers()
+        payload = [self.ray.put(_payload(self.detector))]  # shipped once; kept referenced for actor restarts
+        spec = WorkerSpec(payload, str(self.out), token, self.source, self.detect_kwargs, self.batch,
+                          self.engine.device, self.engine.half, max(1, int(self.engine.cpus_per_worker)),
+                          self.run_.preview is not None)
+        pending = ({"image": rel, "key": self._assign(rel)} for rel in self.source.list_images()
+                   if rel not in self.done)
+        with progress(total=found, initial=already, unit="img", desc="annotate", quiet=self.quiet) as bar:
+            while window := list(itertools.islice(pending, self.engine.window)):
+                for row in self._execute(window, spec, workers):
+                    self._merge(folder / str(row["part"]), keep_errors=True)
+                    bar.update(int(row["images"]))
+                    self.run_.maybe_checkpoint()
+            for path in list_parts(self.out):  # a retried call that wrote its part twice: nothing new in it
+                self._merge(path, keep_errors=True)
+        if self.assigned:
+            raise EngineError(f"{len(self.assigned)} images came back from no Ray worker (e.g. "
+                              f"{next(iter(self.assigned))}); run the same command again to do them")
+        shutil.rmtree(self.out / PARTS)  # finished: the folder holds what the local engine writes, nothing more
+        return found, already
+
+    def _assign(self, rel: str) -> str:
+        key = self.run_.key_for(rel)
+        self.assigned[rel] = key
+        return key
+
+    def _workers(self) -> int:
+        if self.engine.workers:
+            return int(self.engine.workers)
+        resources = self.ray.cluster_resources()
+        if self.engine.gpus_per_worker > 0:
+            kind, per = "GPU", self.engine.gpus_per_worker
+        else:
+            kind, per = "CPU", self.engine.cpus_per_worker
+        n = int(resources.get(kind, 0) // per)
+        if n < 1:
+            raise EngineError(f"the Ray cluster has {resources.get(kind, 0):g} {kind}s, not enough for one worker of "
+                              f"{per:g}; lower --{kind.lower()}s-per-worker or add nodes")
+        return n
+
+    def _execute(self, window: list[dict[str, str]], spec: WorkerSpec, workers: int) -> Iterator[dict[str, Any]]:
+        """Run one window through the actor pool; yields {"part", "images"} rows as parts finish."""
+        ray = self.ray
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ovdet's own bar counts images
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        part = self.engine.part_size or max(self.batch, min(256, math.ceil(len(window) / (4 * workers))))
+        part = math.ceil(part / self.batch) * self.batch
+        blocks = max(1, math.ceil(len(window) / part))
+        ds = ray.data.from_items(window, override_num_blocks=blocks)
+        ds = ds.map_batches(Annotator, batch_size=part, batch_format="numpy", fn_constructor_args=(spec,),
+                            compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)), num_cpus=self.engine.cpus_per_worker,
+                            num_gpus=self.engine.gpus_per_worker or None)
+        try:
+            yield from ds.iter_rows()
+        except Exception as exc:
+            cause = _ovdet_cause(exc)
+            if cause is not None:
+                raise cause from None
+            raise
+
+    def _merge(self, path: Path, keep_errors: bool) -> None:
+        """Write the images of one part that are not done yet through the run's writers, then delete it."""
+        for line in read_part(path):
+            if "ok" in line:
+                rec = ImageRecord.from_json(line["ok"])
+                if rec.image in self.done:
+                    continue
+                expected = self.assigned.get(rec.image)
+                if expected is None:  # from an earlier driver: its key must still be free
+                    if rec.key.lower() in self.run_.used_keys:
+                        continue
+                    self.run_.used_keys.add(rec.key.lower())
+                elif expected != rec.key:  # an earlier driver's part; this run's own one is on its way
+                    continue
+                else:
+                    del self.assigned[rec.image]
+                self.run_.write(rec)
+                self.done.add(rec.image)
+            elif keep_errors:
+                err = line["error"]
+                self.assigned.pop(err["image"], None)
+                if err["image"] not in self.errored and err["image"] not in self.done:
+                    self.run_.add_error(err)
+                    self.errored.add(err["image"])
+        os.unlink(path)

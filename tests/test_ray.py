@@ -1,0 +1,306 @@
+"""annotate on Ray Data: a simulated 2-node cluster gives the local engine's outputs, survives killed workers and drivers,
+reads file:// and S3 (moto's server on 127.0.0.1) sources, and reports a missing Ray clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from conftest import scene
+from ovdet import OVDetector, annotate_folder
+from ovdet.cli import main
+from ovdet.distributed import RayEngine
+from ovdet.errors import EngineError
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = "red circle, blue square, green triangle"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on 127.0.0.1; its address and credentials are in the environment the cluster inherits."""
+    moto_server = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """Two Ray nodes of one CPU each on this machine, started once; the test process is connected as the driver."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # workers import ovdet
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    ray.init(address=c.address, logging_level="WARNING")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """22 small images in subfolders (a.jpg and a.png share a stem), one corrupt file and one empty file.
+
+    All of one size: a batch of mixed sizes is letterboxed to a square, one of equal sizes to the smallest
+    multiple of the stride, so with mixed sizes detections depend on an image's batch neighbours (in both
+    engines), and Ray's batches are not the local engine's.
+    """
+    root = tmp_path_factory.mktemp("ray_src") / "imgs"
+    for i in range(20):
+        path = root / (f"sub/s{i:02d}.jpg" if i % 4 == 0 else f"i{i:02d}.jpg")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), scene(96, 128, seed=i))
+    cv2.imwrite(str(root / "a.jpg"), scene(96, 128, seed=40))
+    cv2.imwrite(str(root / "a.png"), scene(96, 128, seed=41))
+    (root / "bad.jpg").write_bytes(b"this is not an image")
+    (root / "sub" / "empty.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo():
+    det = OVDetector("demo", device="cpu")
+    det.set_classes(CLASSES)
+    return det
+
+
+@pytest.fixture(scope="module")
+def reference(images, demo, tmp_path_factory):
+    """The local engine's outputs for the same folder, at the workers' one torch thread (sums in the same order)."""
+    out = tmp_path_factory.mktemp("ray_ref") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def records(out: Path, name: str = "predictions.jsonl") -> dict[str, dict]:
+    """One record per image (failing on a duplicate), keyed by the image's relative path."""
+    lines = [json.loads(x) for x in (out / name).read_text(encoding="utf-8").splitlines()]
+    by_image = {r["image"]: r for r in lines}
+    assert len(by_image) == len(lines), "an image is recorded twice"
+    return by_image
+
+
+def coco_by_file(out: Path) -> dict[str, list]:
+    coco = json.loads((out / "coco" / "annotations.json").read_text(encoding="utf-8"))
+    ids = [im["id"] for im in coco["images"]]
+    assert len(set(ids)) == len(ids) and len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    out_: dict[str, list] = {name: [] for name in files.values()}
+    for a in coco["annotations"]:
+        out_[files[a["image_id"]]].append((a["category_id"], a["bbox"], a["score"]))
+    return out_
+
+
+def assert_same_outputs(out: Path, ref: Path) -> None:
+    """Same records, errors, COCO content and per-image YOLO / VOC files as the local engine."""
+    assert records(out) == records(ref)
+    assert records(out, "errors.jsonl") == records(ref, "errors.jsonl")
+    assert coco_by_file(out) == coco_by_file(ref)
+    for sub in ("yolo/labels", "voc/Annotations"):
+        ours = {p.name: p.read_text() for p in (out / sub).iterdir()}
+        assert ours == {p.name: p.read_text() for p in (ref / sub).iterdir()}
+    for sub in ("yolo/images", "voc/JPEGImages"):
+        assert {p.name: os.readlink(p) for p in (out / sub).iterdir()} == \
+               {p.name: os.readlink(p) for p in (ref / sub).iterdir()}
+    assert not (out / ".ovdet-ray").exists()
+
+
+def test_two_nodes_give_the_local_engines_outputs(cluster, images, demo, reference, tmp_path):
+    out = tmp_path / "out"
+    summary = annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4,
+                              engine=RayEngine(part_size=4))
+    assert summary.images_found == 24 and summary.images_done == 22 and len(summary.skipped) == 2
+    assert_same_outputs(out, reference)
+    assert {r["image"]: r["key"] for r in records(out).values()}["a.png"] == "a_png"  # keys given out in folder order
+    errors = records(out, "errors.jsonl")
+    assert set(errors) == {"bad.jpg", "sub/empty.png"} and "empty" in errors["sub/empty.png"]["reason"]
+    # a second run finds everything done
+    again = annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
+    assert again.images_done == 0 and again.images_already_done == 22
+    assert_same_outputs(out, reference)
+
+
+def _map_workers(c) -> list[psutil.Process]:
+    """The Ray Data actor processes (MapWorker) under this cluster's raylets."""
+    procs = []
+    for node in [c.head_node, *c.worker_nodes]:
+        for info in node.all_processes.get("raylet", []):
+            for child in psutil.Process(info.process.pid).children(recursive=True):
+                try:
+                    if "MapWorker" in " ".join(child.cmdline()):
+                        procs.append(child)
+                except psutil.Error:
+                    pass
+    return procs
+
+
+def test_a_killed_worker_is_retried_and_every_image_is_written_once(cluster, images, demo, reference, tmp_path):
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_one_worker_mid_run():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            journal = out / "predictions.jsonl"
+            workers = _map_workers(cluster)
+            if workers and journal.exists() and journal.stat().st_size > 0:
+                workers[0].send_signal(signal.SIGKILL)
+                killed.append(workers[0].pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_worker_mid_run)
+    killer.start()
+    summary = annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=2,
+                              engine=RayEngine(part_size=2))
+    killer.join()
+    assert killed, "no worker was running to kill"
+    assert summary.images_done == 22
+    assert_same_outputs(out, reference)
+
+
+def test_a_killed_driver_resumes_with_only_what_is_missing(cluster, images, reference, tmp_path):
+    out = tmp_path / "out"
+    script = ("import sys; from ovdet import annotate_folder; from ovdet.distributed import RayEngine; "
+              f"annotate_folder(sys.argv[1], {CLASSES!r}, sys.argv[2], model='demo', device='cpu', batch=2, quiet=True, "
+              "engine=RayEngine(address=sys.argv[3], part_size=2))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(images), str(out), cluster.address], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    journal = out / "predictions.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.stat().st_size > 0:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    output = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, f"the driver was not killed mid-run:\n{output}"
+    before = records(out)
+    assert 0 < len(before) < 22
+    # The resumed run (the CLI this time, in this process) merges parts the dead driver left, then does the rest.
+    rc = main(["annotate", str(images), "--engine", "ray", "--model", "demo", "--device", "cpu", "--classes", CLASSES,
+               "--out", str(out), "--batch", "2", "--quiet"])
+    assert rc == 0
+    assert_same_outputs(out, reference)
+    after = records(out)
+    assert all(after[k] == v for k, v in before.items())
+
+
+def test_parts_left_by_a_dead_driver_are_merged_not_redone(cluster, images, demo, reference, tmp_path):
+    out = tmp_path / "out"
+    annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
+    lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:5]), encoding="utf-8")
+    marked = json.loads(lines[5])
+    marked["detections"] = []  # not what the model finds: only merging the part can put this in the journal
+    parts = out / ".ovdet-ray" / "parts"
+    parts.mkdir(parents=True)
+    (parts / "part-left-behind.jsonl").write_text(json.dumps({"ok": marked}) + "\n", encoding="utf-8")
+    summary = annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
+    assert summary.images_done == 22 - 5
+    assert records(out)[marked["image"]]["detections"] == []
+    assert len(records(out)) == 22 and not parts.exists()
+
+
+def test_file_uri_and_s3_sources(cluster, s3_server, images, demo, reference, tmp_path):
+    boto3 = pytest.importorskip("boto3")
+    out = tmp_path / "file_uri"
+    annotate_folder(images.as_uri(), CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
+    assert_same_outputs(out, reference)
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="photos")
+    for path in images.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "photos", f"batch1/{path.relative_to(images).as_posix()}")
+    out = tmp_path / "s3"
+    summary = annotate_folder("s3://photos/batch1", CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
+    assert summary.images_done == 22
+    ref, got = records(reference), records(out)
+    assert set(got) == set(ref)
+    for image, rec in got.items():
+        assert rec["detections"] == ref[image]["detections"] and rec["key"] == ref[image]["key"]
+        assert rec["path"] == str((out / "originals" / image).resolve())  # the dataset holds its own copies
+        assert Path(rec["path"]).read_bytes() == (images / image).read_bytes()
+    errors = records(out, "errors.jsonl")
+    assert errors["bad.jpg"]["path"] == "s3://photos/batch1/bad.jpg"
+    assert set(errors) == {"bad.jpg", "sub/empty.png"}
+    assert coco_by_file(out) == coco_by_file(reference)
+    link = out / "yolo" / "images" / f"{got['i01.jpg']['key']}.jpg"
+    assert link.resolve() == (out / "originals" / "i01.jpg").resolve() and link.read_bytes()
+    assert json.loads((out / "run.json").read_text())["settings"]["source"] == "s3://photos/batch1"
+
+
+def test_cli_on_the_samples(cluster, tmp_path, capsys):
+    out = tmp_path / "x"
+    rc = main(["annotate", str(REPO / "samples" / "shapes"), "--engine", "ray", "--model", "demo",
+               "--classes", "red circle", "--out", str(out)])
+    assert rc == 0
+    assert "annotated 4 images" in capsys.readouterr().err
+    assert len(records(out)) == 4 and (out / "yolo" / "data.yaml").exists()
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    rc = main(["annotate", str(REPO / "samples" / "shapes"), "--engine", "ray", "--model", "demo",
+               "--classes", "red circle", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert 'pip install "ovdet[ray]"' in err and "Traceback" not in err
+
+
+def test_engine_options_need_the_ray_engine(tmp_path, capsys):
+    rc = main(["annotate", str(REPO / "samples" / "shapes"), "--workers", "2", "--model", "demo",
+               "--classes", "red circle", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--engine ray" in capsys.readouterr().err
+    with pytest.raises(EngineError, match="workers"):
+        annotate_folder(REPO / "samples" / "shapes", "red circle", tmp_path / "y", model="demo",
+                        engine=RayEngine(workers=0))
+
+
+def test_a_worker_that_cannot_see_the_output_folder_refuses(tmp_path):
+    from ovdet.distributed.worker import _check_token
+
+    (tmp_path / ".ovdet-ray").mkdir()
+    (tmp_path / ".ovdet-ray" / "run").write_text("abc")
+    _check_token(tmp_path, "abc")
+    with pytest.raises(EngineError, match="every node mounts"):
+        _check_token(tmp_path, "another driver's token")
