@@ -2,7 +2,7 @@
 
 The driver (the process that called annotate_folder) holds the output folder's lock, encodes the classes
 once, puts the detector (weights and class embeddings) into the object store once, lists the source
-lazily and hands Ray Data windows of (image, output key) rows. `map_batches` runs them through a pool of
+lazily into object-store blocks of (image, output key) rows for Ray Data. `map_batches` runs them through a pool of
 `Annotator` actors (one detector each, on `cpus_per_worker` CPUs or `gpus_per_worker` GPUs); Ray restarts a
 worker that dies and retries its batch. Each batch comes back as a part file, which the driver merges
 through the local engine's writers (predictions.jsonl last), so both engines write the same outputs.
@@ -15,7 +15,6 @@ the next run merges them first and then does only the images that are still miss
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ovdet.distributed.parts import PARTS, RUN_TOKEN, list_parts, part_dir, read_part
+from ovdet.distributed.parts import PARTS, RUN_TOKEN, list_parts, part_dir, part_prefix, read_part
 from ovdet.distributed.storage import Source, open_source
 from ovdet.distributed.worker import Annotator, DetectorPayload, WorkerSpec
 from ovdet.errors import DatasetError, EngineError, OVDetError
@@ -49,7 +48,7 @@ class RayEngine:
     on this machine if there is one, else starts a local one. `workers`: detector actors (default: as many
     as the cluster has CPUs / GPUs for). `device` / `half` apply to the workers (the driver encodes the
     classes on its CPU). `part_size`: images per worker call and part file (default: from the batch and the
-    number of images); `window`: images handed to Ray Data at a time (bounds the driver's memory).
+    number of images).
     """
 
     address: str | None = None
@@ -59,7 +58,6 @@ class RayEngine:
     device: str = "auto"
     half: bool | None = None
     part_size: int | None = None
-    window: int = 50_000
 
     def source(self, src: str | os.PathLike, recursive: bool = True) -> Source:
         """Where the images are: a folder or a URI (see ovdet.distributed.storage)."""
@@ -139,26 +137,26 @@ def _ovdet_cause(exc: BaseException) -> OVDetError | None:
 
 
 class _Driver:
-    """One Ray run: merge leftovers, list, dispatch windows, merge parts as they come back."""
+    """One Ray run: merge leftovers, list into object-store blocks, run the actor pool, merge parts as they come."""
 
     def __init__(self, engine: RayEngine, ray: Any, run: "_Run", source: Source, done: set[str], detector: Any,
                  detect_kwargs: dict[str, Any], batch: int, quiet: bool):
         self.engine, self.ray, self.run_, self.source, self.done = engine, ray, run, source, done
         self.detector, self.detect_kwargs, self.batch, self.quiet = detector, detect_kwargs, batch, quiet
         self.out: Path = run.out
-        self.assigned: dict[str, str] = {}  # image -> output key, handed out and not merged yet
+        self.token = uuid.uuid4().hex
+        self.merged = 0  # images of this run's parts written to the outputs (or to errors.jsonl)
         self.errored: set[str] = set()  # images with an errors.jsonl record in this run
 
     def run(self) -> tuple[int, int]:
         folder = part_dir(self.out)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(folder)
-        token = uuid.uuid4().hex
-        atomic_write(self.out / PARTS / RUN_TOKEN, token)
+        atomic_write(self.out / PARTS / RUN_TOKEN, self.token)
         # Parts that a killed driver did not merge: their images are done. Their errors are dropped, as
         # every run retries unreadable files.
         for path in list_parts(self.out):
-            self._merge(path, keep_errors=False)
+            self._merge(path)
 
         found = already = 0
         for rel in self.source.list_images():  # a first walk to count (a folder is not held in memory)
@@ -166,31 +164,46 @@ class _Driver:
             already += rel in self.done
         if not found:
             raise DatasetError(f"{self.source.uri}: no image files found; point to a folder or prefix of images")
+        todo = found - already
         workers = self._workers()
-        payload = [self.ray.put(_payload(self.detector))]  # shipped once; kept referenced for actor restarts
-        spec = WorkerSpec(payload, str(self.out), token, self.source, self.detect_kwargs, self.batch,
-                          self.engine.device, self.engine.half, max(1, int(self.engine.cpus_per_worker)),
-                          self.run_.preview is not None)
-        pending = ({"image": rel, "key": self._assign(rel)} for rel in self.source.list_images()
-                   if rel not in self.done)
+        part = self.engine.part_size or max(self.batch, min(256, math.ceil(todo / (4 * workers))))
+        part = math.ceil(part / self.batch) * self.batch
         with progress(total=found, initial=already, unit="img", desc="annotate", quiet=self.quiet) as bar:
-            while window := list(itertools.islice(pending, self.engine.window)):
-                for row in self._execute(window, spec, workers):
-                    self._merge(folder / str(row["part"]), keep_errors=True)
+            if todo:
+                payload = [self.ray.put(_payload(self.detector))]  # shipped once; kept referenced for restarts
+                spec = WorkerSpec(payload, str(self.out), self.token, self.source, self.detect_kwargs, self.batch,
+                                  self.engine.device, self.engine.half, max(1, int(self.engine.cpus_per_worker)),
+                                  self.run_.preview is not None)
+                blocks = self._blocks(part)
+                for row in self._execute(blocks, spec, min(workers, len(blocks)), part):
+                    self._merge(folder / str(row["part"]))
                     bar.update(int(row["images"]))
                     self.run_.maybe_checkpoint()
             for path in list_parts(self.out):  # a retried call that wrote its part twice: nothing new in it
-                self._merge(path, keep_errors=True)
-        if self.assigned:
-            raise EngineError(f"{len(self.assigned)} images came back from no Ray worker (e.g. "
-                              f"{next(iter(self.assigned))}); run the same command again to do them")
+                self._merge(path)
+        if self.merged < todo:
+            raise EngineError(f"{todo - self.merged} of {todo} images came back from no Ray worker; run the same "
+                              "command again to do them")
         shutil.rmtree(self.out / PARTS)  # finished: the folder holds what the local engine writes, nothing more
         return found, already
 
-    def _assign(self, rel: str) -> str:
-        key = self.run_.key_for(rel)
-        self.assigned[rel] = key
-        return key
+    def _blocks(self, part: int) -> list[Any]:
+        """The images to do, with their output keys (given out in folder order), as object-store blocks of `part`
+        rows: the driver holds references, not the list."""
+        import pyarrow as pa
+
+        blocks, images, keys = [], [], []
+        for rel in self.source.list_images():
+            if rel in self.done:
+                continue
+            images.append(rel)
+            keys.append(self.run_.key_for(rel))
+            if len(images) == part:
+                blocks.append(self.ray.put(pa.table({"image": images, "key": keys})))
+                images, keys = [], []
+        if images:
+            blocks.append(self.ray.put(pa.table({"image": images, "key": keys})))
+        return blocks
 
     def _workers(self) -> int:
         if self.engine.workers:
@@ -206,18 +219,14 @@ class _Driver:
                               f"{per:g}; lower --{kind.lower()}s-per-worker or add nodes")
         return n
 
-    def _execute(self, window: list[dict[str, str]], spec: WorkerSpec, workers: int) -> Iterator[dict[str, Any]]:
-        """Run one window through the actor pool; yields {"part", "images"} rows as parts finish."""
+    def _execute(self, blocks: list[Any], spec: WorkerSpec, workers: int, part: int) -> Iterator[dict[str, Any]]:
+        """Run the blocks through the actor pool; yields {"part", "images"} rows as parts finish."""
         ray = self.ray
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ovdet's own bar counts images
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ovdet's own bar counts images
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-        part = self.engine.part_size or max(self.batch, min(256, math.ceil(len(window) / (4 * workers))))
-        part = math.ceil(part / self.batch) * self.batch
-        blocks = max(1, math.ceil(len(window) / part))
-        ds = ray.data.from_items(window, override_num_blocks=blocks)
+        ds = ray.data.from_arrow_refs(blocks)
         ds = ds.map_batches(Annotator, batch_size=part, batch_format="numpy", fn_constructor_args=(spec,),
-                            compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)), num_cpus=self.engine.cpus_per_worker,
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=self.engine.cpus_per_worker,
                             num_gpus=self.engine.gpus_per_worker or None)
         try:
             yield from ds.iter_rows()
@@ -227,28 +236,27 @@ class _Driver:
                 raise cause from None
             raise
 
-    def _merge(self, path: Path, keep_errors: bool) -> None:
-        """Write the images of one part that are not done yet through the run's writers, then delete it."""
+    def _merge(self, path: Path) -> None:
+        """Write the images of one part that are not done yet through the run's writers, then delete the part.
+
+        A part of this run carries keys given out by this run. One an earlier (killed) driver left is used only
+        where its key is still free; its errors are dropped, since every run tries unreadable files again.
+        """
+        ours = path.name.startswith(part_prefix(self.token))
         for line in read_part(path):
             if "ok" in line:
                 rec = ImageRecord.from_json(line["ok"])
                 if rec.image in self.done:
                     continue
-                expected = self.assigned.get(rec.image)
-                if expected is None:  # from an earlier driver: its key must still be free
+                if not ours:
                     if rec.key.lower() in self.run_.used_keys:
                         continue
                     self.run_.used_keys.add(rec.key.lower())
-                elif expected != rec.key:  # an earlier driver's part; this run's own one is on its way
-                    continue
-                else:
-                    del self.assigned[rec.image]
                 self.run_.write(rec)
                 self.done.add(rec.image)
-            elif keep_errors:
-                err = line["error"]
-                self.assigned.pop(err["image"], None)
-                if err["image"] not in self.errored and err["image"] not in self.done:
-                    self.run_.add_error(err)
-                    self.errored.add(err["image"])
+                self.merged += ours
+            elif ours and line["error"]["image"] not in self.errored:
+                self.run_.add_error(line["error"])
+                self.errored.add(line["error"]["image"])
+                self.merged += 1
         os.unlink(path)

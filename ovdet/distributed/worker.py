@@ -91,7 +91,7 @@ class Annotator:
                 chunk = []
         if chunk:
             lines += self._detect(chunk)
-        return {"part": [write_part(self.out, keys, lines)], "images": [len(rels)]}
+        return {"part": [write_part(self.out, self.spec.token, keys, lines)], "images": [len(rels)]}
 
     def _load(self, rel: str) -> tuple[np.ndarray | None, ImageError | None]:
         try:
