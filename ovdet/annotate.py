@@ -139,6 +139,9 @@ def annotate_folder(
     ray_engine = _ray_engine(engine)
     if ray_engine is None and "://" in os.fspath(src):
         raise DatasetError(f"{src}: the local engine reads folders; a URI source needs engine='ray' (--engine ray)")
+    if "://" in os.fspath(out):
+        raise DatasetError(f"{out}: --out must be a folder (for --engine ray one that every node mounts at the same "
+                           "path); writing the outputs to a URI is not supported")
     src_path, out_path = Path(src), Path(out)
     source = None if ray_engine is None else ray_engine.source(src, recursive=recursive)
     if source is None or source.local:

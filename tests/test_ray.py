@@ -21,7 +21,7 @@ from conftest import scene
 from ovdet import OVDetector, annotate_folder
 from ovdet.cli import main
 from ovdet.distributed import RayEngine
-from ovdet.errors import EngineError
+from ovdet.errors import EngineError, ModelError
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -226,7 +226,7 @@ def test_a_killed_driver_resumes_with_only_what_is_missing(cluster, images, refe
 
 def test_parts_left_by_a_dead_driver_are_merged_not_redone(cluster, images, demo, reference, tmp_path):
     out = tmp_path / "out"
-    annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
+    annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4)  # the local engine: Ray resumes it
     lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (out / "predictions.jsonl").write_text("".join(lines[:5]), encoding="utf-8")
     marked = json.loads(lines[5])
@@ -267,6 +267,14 @@ def test_file_uri_and_s3_sources(cluster, s3_server, images, demo, reference, tm
     link = out / "yolo" / "images" / f"{got['i01.jpg']['key']}.jpg"
     assert link.resolve() == (out / "originals" / "i01.jpg").resolve() and link.read_bytes()
     assert json.loads((out / "run.json").read_text())["settings"]["source"] == "s3://photos/batch1"
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_its_reason(cluster, demo, tmp_path):
+    # the workers are asked for CUDA, which this machine lacks: the worker's ModelError reaches the caller
+    with pytest.raises(ModelError, match="CUDA is not available"):
+        annotate_folder(REPO / "samples" / "shapes", CLASSES, tmp_path / "out", detector=demo, quiet=True,
+                        engine=RayEngine(device="cuda"))
+    assert not records(tmp_path / "out")  # nothing written, and the run can be started again
 
 
 def test_cli_on_the_samples(cluster, tmp_path, capsys):

@@ -18,6 +18,7 @@ import copy
 import logging
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ovdet.distributed.parts import PARTS, RUN_TOKEN, list_parts, part_dir, part_prefix, read_part
 from ovdet.distributed.storage import Source, open_source
 from ovdet.distributed.worker import Annotator, DetectorPayload, WorkerSpec
+from ovdet import errors
 from ovdet.errors import DatasetError, EngineError, OVDetError
 from ovdet.progress import progress
 from ovdet.sinks import ImageRecord, atomic_write, remove_stale_temp_files
@@ -122,9 +124,14 @@ def _payload(detector: Any) -> DetectorPayload:
 
 
 def _ovdet_cause(exc: BaseException) -> OVDetError | None:
-    """The ovdet error a worker raised, from inside Ray's wrappers (None if there is none)."""
+    """The ovdet error a worker raised, from inside Ray's wrappers (None if there is none).
+
+    A failed task carries the error itself; an actor whose constructor failed (ActorDiedError) only its
+    traceback text, whose last "ovdet.errors.Name: message" line is rebuilt into that error.
+    """
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
+    texts = []
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -132,8 +139,18 @@ def _ovdet_cause(exc: BaseException) -> OVDetError | None:
         seen.add(id(e))
         if isinstance(e, OVDetError) and type(e).__module__.startswith("ovdet"):
             return e
+        texts.append(str(e))
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    for text in texts:
+        found = _ERROR_LINE.findall(text)
+        if found:
+            kind = getattr(errors, found[-1][0], None)
+            if isinstance(kind, type) and issubclass(kind, OVDetError):
+                return kind(found[-1][1])
     return None
+
+
+_ERROR_LINE = re.compile(r"^ovdet\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
 class _Driver:
@@ -222,8 +239,11 @@ class _Driver:
     def _execute(self, blocks: list[Any], spec: WorkerSpec, workers: int, part: int) -> Iterator[dict[str, Any]]:
         """Run the blocks through the actor pool; yields {"part", "images"} rows as parts finish."""
         ray = self.ray
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ovdet's own bar counts images
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        context = ray.data.DataContext.get_current()
+        bars, context.enable_progress_bars = context.enable_progress_bars, False  # ovdet's own bar counts images
+        logger = logging.getLogger("ray.data")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # Ray Data's per-run info lines and warnings about idle actors
         ds = ray.data.from_arrow_refs(blocks)
         ds = ds.map_batches(Annotator, batch_size=part, batch_format="numpy", fn_constructor_args=(spec,),
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=self.engine.cpus_per_worker,
@@ -235,6 +255,9 @@ class _Driver:
             if cause is not None:
                 raise cause from None
             raise
+        finally:
+            context.enable_progress_bars = bars
+            logger.setLevel(level)
 
     def _merge(self, path: Path) -> None:
         """Write the images of one part that are not done yet through the run's writers, then delete the part.
