@@ -15,6 +15,7 @@ from ovdet.errors import ClassSpecError, ModelError
 from ovdet.prompts import ClassSpec, parse_classes
 from ovdet.sources import load_image
 from ovdet.text import TextEncoder
+from ovdet.tiling import TileSpec, detect_tiled, tile_source, tile_spec
 from ovdet.weights import state_digest
 from ovdet.world import WorldDetector
 
@@ -116,15 +117,28 @@ class OVDetector:
         self._spec, self._embeddings_source = spec, source
 
     def detect(self, image: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
-               imgsz: int | None = None) -> sv.Detections:
-        """Detect the current classes in one image (path, BGR ndarray or PIL image)."""
-        return self.detect_batch([image], conf=conf, iou=iou, max_det=max_det, imgsz=imgsz)[0]
+               imgsz: int | None = None, tile: int | TileSpec | None = None, overlap: float = 0.2,
+               full_image: bool = True, merge: str = "nms") -> sv.Detections:
+        """Detect the current classes in one image (path, BGR ndarray or PIL image). With `tile` (see detect_batch)
+        the image is sliced into tiles."""
+        return self.detect_batch([image], conf=conf, iou=iou, max_det=max_det, imgsz=imgsz, tile=tile,
+                                 overlap=overlap, full_image=full_image, merge=merge)[0]
 
     def detect_batch(self, images: Iterable[Any], conf: float | None = None, iou: float | None = None,
-                     max_det: int | None = None, imgsz: int | None = None) -> list[sv.Detections]:
-        """Detect in several images with one forward pass; one `sv.Detections` per image, in order."""
+                     max_det: int | None = None, imgsz: int | None = None, tile: int | TileSpec | None = None,
+                     overlap: float = 0.2, full_image: bool = True, merge: str = "nms") -> list[sv.Detections]:
+        """Detect in several images with one forward pass; one `sv.Detections` per image, in order.
+
+        `tile=640` slices each image into 640 px tiles overlapping by `overlap`, detects in batches of tiles (at
+        `imgsz`), adds a pass over the whole image unless `full_image=False`, and merges the boxes ("nms" or
+        "nmm"); a `ovdet.tiling.TileSpec` sets every tiling option. For small objects in large images.
+        """
         if self._spec is None:
             raise ModelError("No classes set: call set_classes(['person', ...]) before detecting.")
+        spec = tile_spec(tile, overlap=overlap, full_image=full_image, merge=merge)
+        if spec is not None:
+            return detect_tiled(lambda ims: self.detect_batch(ims, conf=conf, iou=iou, max_det=max_det, imgsz=imgsz),
+                                (tile_source(im) for im in images), spec, max_det=max_det or self.max_det)
         arrays = [load_image(im) for im in images]
         if not arrays:
             return []

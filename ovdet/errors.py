@@ -51,6 +51,10 @@ class WeightsUnsafeError(ModelError):
         self.names = list(names or [])
 
 
+class TileError(OVDetError, ValueError):
+    """Tiling settings that cannot work (tile size, overlap, merge method); the message names valid values."""
+
+
 class SourceError(OVDetError):
     """A video file, camera or stream cannot be opened or stopped delivering frames."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class WorldSpec:
     max_overlap: float = 0.1  # at most this fraction of the smaller of two boxes may be shared
     clutter: tuple[int, int] = (4, 12)  # background lines and blobs per image
     clutter_colours: Sequence[str] = field(default=())  # default: palette colours not in the vocabulary, plus greys
+    # A large canvas (width, height) instead of imgsz×imgsz images: clutter and noise look locally like an
+    # imgsz image, `objects` is per canvas and `object_px` (side in pixels) replaces `size`.
+    canvas: tuple[int, int] | None = None
+    object_px: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         unknown = [c for c in (*self.colours, *self.clutter_colours) if c not in PALETTE]
@@ -61,6 +66,18 @@ class WorldSpec:
             raise DatasetError(f"Objects per image {self.objects} must be a range like (2, 6) with 1 <= min <= max.")
         if not (0 < self.size[0] <= self.size[1] < 1):
             raise DatasetError(f"Object size range {self.size} must be fractions with 0 < min <= max < 1.")
+        if self.canvas is not None and (len(self.canvas) != 2 or min(self.canvas) < 32):
+            raise DatasetError(f"Canvas {self.canvas} must be (width, height) with both at least 32 pixels.")
+        if self.object_px is not None:
+            longest = min(self.canvas) if self.canvas is not None else self.imgsz
+            if len(self.object_px) != 2 or not (4 <= self.object_px[0] <= self.object_px[1] < longest):
+                raise DatasetError(f"Object size {self.object_px} must be MIN,MAX pixels with 4 <= MIN <= MAX < "
+                                   f"{longest} (the shorter image side).")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(width, height) of every image."""
+        return tuple(self.canvas) if self.canvas is not None else (self.imgsz, self.imgsz)
 
     @property
     def names(self) -> list[str]:
@@ -135,8 +152,12 @@ def background(rng: np.random.Generator, spec: WorldSpec) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image: BGR uint8 (S×S×3), boxes (N×4 pixel xyxy, float32) and class ids (N, int) into `spec.names`."""
+    """One image: BGR uint8 (H×W×3), boxes (N×4 pixel xyxy, float32) and class ids (N, int) into `spec.names`."""
+    if spec.canvas is not None:
+        return render_canvas(rng, spec)
     s = spec.imgsz
+    if spec.object_px is not None:
+        spec = dataclasses.replace(spec, size=(spec.object_px[0] / s, spec.object_px[1] / s))
     img = background(rng, spec)
     boxes: list[np.ndarray] = []
     class_ids: list[int] = []
@@ -167,6 +188,77 @@ def render(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.nd
     return img, np.array(boxes, np.float32).reshape(-1, 4), np.array(class_ids, int)
 
 
+def render_canvas(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A large image (spec.canvas) of small objects: like render, but clutter is local (lines and blobs the size
+    they have in an imgsz image, as many per imgsz² of area) and objects are `object_px` pixels across."""
+    width, height = spec.canvas
+    s = spec.imgsz
+    per_area = width * height / (s * s)
+    base = rng.integers(60, 200)
+    tint = rng.integers(-25, 26, size=3)
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = np.clip(int(base) + tint, 0, 255).astype(np.uint8)
+    horizontal = rng.random() < 0.5
+    amount = rng.uniform(-30, 30)
+    ramp = np.linspace(-amount, amount, width if horizontal else height, dtype=np.float32)
+    for y in range(0, height, 512):  # the gradient, in bands of rows (a float copy of a large canvas is big)
+        band = img[y:y + 512].astype(np.float32)
+        band += ramp[None, :, None] if horizontal else ramp[y:y + 512, None, None]
+        img[y:y + 512] = np.clip(band, 0, 255)
+    colours = spec.distractor_colours
+    for _ in range(int(rng.integers(round(spec.clutter[0] * per_area), round(spec.clutter[1] * per_area) + 1))):
+        colour = _jitter(rng, colours[int(rng.integers(len(colours)))], 20)
+        centre = rng.uniform((0, 0), (width, height))
+        if rng.random() < 0.5:
+            p1, p2 = (np.round(centre + rng.uniform(-s / 2, s / 2, size=2)).astype(int) for _ in range(2))
+            cv2.line(img, tuple(int(v) for v in p1), tuple(int(v) for v in p2), colour,
+                     int(rng.integers(1, max(2, s // 40) + 1)), cv2.LINE_AA)
+        else:
+            n = int(rng.integers(5, 9))
+            theta = np.sort(rng.uniform(0, 2 * np.pi, size=n))
+            rad = rng.uniform(0.02, 0.12, size=n) * s
+            pts = np.stack([centre[0] + rad * np.cos(theta), centre[1] + rad * np.sin(theta)], axis=1)
+            cv2.fillPoly(img, [np.round(pts).astype(np.int32)], colour, cv2.LINE_AA)
+    lo, hi = spec.object_px if spec.object_px is not None else (spec.size[0] * s, spec.size[1] * s)
+    boxes = np.zeros((0, 4), np.int64)
+    class_ids: list[int] = []
+    wanted = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
+    for _ in range(wanted * 20):
+        if len(boxes) == wanted:
+            break
+        r = rng.uniform(lo, hi) / 2
+        cx, cy = rng.uniform((0, 0), (width, height))
+        ci, si = int(rng.integers(len(spec.colours))), int(rng.integers(len(spec.shapes)))
+        if spec.shapes[si] == "circle":
+            centre, radius = (int(round(cx)), int(round(cy))), int(round(r))
+            box = np.array([centre[0] - radius, centre[1] - radius, centre[0] + radius + 1, centre[1] + radius + 1])
+        else:
+            pts = np.round(_shape_polygon(rng, spec.shapes[si], cx, cy, r)).astype(np.int32)
+            box = np.concatenate([pts.min(0), pts.max(0) + 1])
+        if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+            continue
+        if len(boxes):
+            iw = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
+            ih = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            smaller = np.minimum(areas, (box[2] - box[0]) * (box[3] - box[1]))
+            if (np.clip(iw, 0, None) * np.clip(ih, 0, None) / smaller).max() > spec.max_overlap:
+                continue
+        colour = _jitter(rng, PALETTE[spec.colours[ci]], 15)
+        if spec.shapes[si] == "circle":
+            cv2.circle(img, centre, radius, colour, -1, cv2.LINE_AA)
+        else:
+            cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+        boxes = np.concatenate([boxes, box[None]])
+        class_ids.append(ci * len(spec.shapes) + si)
+    sigma = rng.uniform(3, 12)
+    for y in range(0, height, 512):  # noise in bands of rows
+        band = img[y:y + 512]
+        noise = rng.standard_normal(band.shape, dtype=np.float32) * sigma
+        img[y:y + 512] = np.clip(band.astype(np.float32) + noise, 0, 255)
+    return img, boxes.astype(np.float32).reshape(-1, 4), np.array(class_ids, int)
+
+
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one image: depends only on (seed, split, index), so splits do not shift each other."""
     return np.random.default_rng([seed, SPLITS[split], index])
@@ -183,6 +275,7 @@ def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
         raise DatasetError(f"{out} exists and is not a folder: choose another output path.")
     if out.is_dir() and any(out.iterdir()):
         raise DatasetError(f"{out} is not empty: choose a new folder or delete it first.")
+    width, height = spec.shape
     for split, count in (("train", train), ("val", val)):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
@@ -192,7 +285,8 @@ def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
                 if not cv2.imwrite(str(out / "images" / split / f"{i:06d}.png"), img):
                     raise DatasetError(f"Could not write images to {out}: check the folder is writable.")
                 xywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
-                lines = [f"{c} " + " ".join(f"{v / spec.imgsz:.6f}" for v in b) for c, b in zip(class_ids, xywh)]
+                lines = [f"{c} " + " ".join(f"{v / d:.6f}" for v, d in zip(b, (width, height, width, height)))
+                         for c, b in zip(class_ids, xywh)]
                 (out / "labels" / split / f"{i:06d}.txt").write_text("".join(line + "\n" for line in lines))
                 bar.update(1)
     data = {
@@ -200,7 +294,9 @@ def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
         "val": "images/val",
         "names": dict(enumerate(spec.names)),
         "synth": {"seed": seed, "train": train, "val": val, "imgsz": spec.imgsz,
-                  "colours": list(spec.colours), "shapes": list(spec.shapes)},
+                  "colours": list(spec.colours), "shapes": list(spec.shapes),
+                  **({"canvas": list(spec.canvas)} if spec.canvas is not None else {}),
+                  **({"object_size": list(spec.object_px)} if spec.object_px is not None else {})},
     }
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
