@@ -12,7 +12,7 @@ from ovdet.errors import OVDetError, OVDetWarning
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
 COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "report", "relabel", "train", "eval", "synth",
-            "classes", "cache")
+            "classes", "cache", "export")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
