@@ -52,6 +52,7 @@ from ovdet.sinks import (
     repair_journal,
 )
 from ovdet.splits import ValSplit
+from ovdet.tiling import TileSpec, tile_spec
 from ovdet.sources import LoadedImage, iter_image_files, prefetch_images, require_image_files
 from ovdet.write_errors import explain_write_errors
 
@@ -59,7 +60,7 @@ __all__ = ["AnnotateSummary", "annotate_folder"]
 
 _MANIFEST_VERSION = 1
 # Settings added after version 1, with the value a run.json written before them implies.
-_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0}
+_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None}
 
 
 @dataclass
@@ -120,6 +121,7 @@ def annotate_folder(
     val_split: float = 0.0,
     split_seed: int = 0,
     engine: str | Any = "local",
+    tile: int | TileSpec | None = None,
 ) -> AnnotateSummary:
     """Detect `classes` in every image under `src` and write the datasets named in `formats` to `out`.
 
@@ -134,6 +136,7 @@ def annotate_folder(
     `engine` is "local" (threads in this process) or "ray" (a Ray Data actor pool over a cluster; a
     `ovdet.distributed.RayEngine` sets its address and workers); `src` may then also be a URI such as
     s3://bucket/prefix. Both engines write the same outputs, and either can resume the other's run.
+    `tile` (a tile size or an ovdet.tiling.TileSpec) runs sliced inference; its settings are part of the run's.
     Raises DatasetError up front for a missing or empty input folder, or an output folder inside it.
     """
     ray_engine = _ray_engine(engine)
@@ -153,6 +156,7 @@ def annotate_folder(
     if batch < 1:
         raise DatasetError(f"batch must be at least 1, got {batch}")
     split = ValSplit(float(val_split), int(split_seed))
+    tiling = tile_spec(tile)
     spec = parse_classes(classes)
     names = list(spec.names)
     if source is None or source.local:
@@ -188,6 +192,7 @@ def annotate_folder(
             "save_annotated": bool(save_annotated),
             "val_split": split.fraction,
             "split_seed": split.seed,
+            "tile": tiling.settings() if tiling is not None else None,
         }
         _prepare_output(out_path, settings, overwrite)
 
@@ -197,6 +202,8 @@ def annotate_folder(
             detect_kwargs: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
             if imgsz is not None:
                 detect_kwargs["imgsz"] = imgsz
+            if tiling is not None:
+                detect_kwargs["tile"] = tiling
             start = time.perf_counter()
             if ray_engine is not None:
                 found, already = ray_engine.run(run, source, done, detector, detect_kwargs, batch=batch, quiet=quiet)

@@ -21,6 +21,7 @@ from ovdet.runfolder import JOURNAL, MANIFEST, clear_outputs
 from ovdet.runlock import LOCK_NAME, lock_output
 from ovdet.sinks import ImageRecord, Journal, atomic_write
 from ovdet.sources import IMAGE_EXTENSIONS, list_image_files, prefetch_images
+from ovdet.tiling import TileSpec, tile_spec
 
 if TYPE_CHECKING:
     from ovdet.detector import OVDetector
@@ -285,7 +286,8 @@ def _batches(dataset: LabelledDataset, batch: int) -> Iterator[list]:
 
 def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[str] | None = None,
              mapping: Mapping[str, str] | None = None, conf: float = 0.001, iou: float = 0.7,
-             batch: int = 8, progress: bool = True, out: str | os.PathLike | None = None) -> EvalResult:
+             batch: int = 8, progress: bool = True, out: str | os.PathLike | None = None,
+             tile: int | TileSpec | None = None) -> EvalResult:
     """Run `detector` over the dataset and score it.
 
     Each dataset class is scored under its prompt (`mapping[name]`, else its own name). The detector is given
@@ -293,19 +295,19 @@ def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[s
     left out of the score, and so are detections of prompts that name no dataset class.
     With `out`, the run is saved there as a run folder (run.json with settings and scores, predictions.jsonl
     with each image's predictions and ground truth) that `ovdet report` reads; an earlier eval run there is
-    replaced.
+    replaced. `tile` (a tile size or an ovdet.tiling.TileSpec) scores sliced inference.
     """
     with ExitStack() as stack:
         run = None
         if out is not None:
             stack.enter_context(lock_output(out))
             run = stack.enter_context(_EvalRun(Path(out)))
-        return _evaluate(detector, dataset, classes, mapping, conf, iou, batch, progress, run)
+        return _evaluate(detector, dataset, classes, mapping, conf, iou, batch, progress, run, tile_spec(tile))
 
 
 def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[str] | None,
               mapping: Mapping[str, str] | None, conf: float, iou: float, batch: int, progress: bool,
-              run: _EvalRun | None) -> EvalResult:
+              run: _EvalRun | None, tiling: TileSpec | None = None) -> EvalResult:
     """evaluate() without the output folder handling."""
     mapping = dict(mapping or {})
     prompt_of = [mapping.get(n, n) for n in dataset.names]
@@ -327,7 +329,8 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
             if c.error is not None:
                 skipped.append(str(c.source))
                 bar.write(f"ovdet: skipped {c.source}: {c.error}")
-        results = detector.detect_batch([c.image for c in ok], conf=conf, iou=iou) if ok else []
+        tiled = {"tile": tiling} if tiling is not None else {}
+        results = detector.detect_batch([c.image for c in ok], conf=conf, iou=iou, **tiled) if ok else []
         for c, dets in zip(ok, results):
             gt = dataset.images[c.index].targets(c.image.shape)
             gt.class_id = gt_to_cat[gt.class_id] if len(gt) else gt.class_id
@@ -351,7 +354,7 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
                 "templates": [], "reduce": "max"}
         run.finish({"data": dataset.source, "classes": spec, "prompts": prompts, "model": detector.model_id,
                     "imgsz": getattr(detector, "imgsz", None), "conf": float(conf), "iou": float(iou),
-                    "formats": ["jsonl"]}, result)
+                    "formats": ["jsonl"], "tile": tiling.settings() if tiling is not None else None}, result)
     return result
 
 

@@ -12,8 +12,8 @@ from ovdet.tiling import TileSpec, detect_tiled, greedy_groups, merge_detections
 from ovdet.weights import DEMO_FILE
 
 needs_demo = pytest.mark.skipif(not DEMO_FILE.is_file(), reason=f"demo model {DEMO_FILE} is absent")
-# The demo model knows 160-pixel shapes 14-51 px across: on this canvas untiled detection shrinks them 4x.
-CANVAS = WorldSpec(canvas=(640, 480), object_px=(18, 36), objects=(14, 14))
+# The demo model knows 160-pixel shapes 14-51 px across: on this canvas untiled detection shrinks them 3x.
+CANVAS = WorldSpec(canvas=(480, 360), object_px=(16, 30), objects=(10, 10))
 
 
 # ---------------------------------------------------------------- grid
@@ -196,14 +196,14 @@ def _recall(dets, boxes, class_ids):
 @needs_demo
 def test_demo_model_finds_small_objects_only_when_tiled(demo, canvas):
     image, boxes, class_ids = canvas
-    assert len(boxes) == 14
+    assert len(boxes) == 10
     assert _recall(demo.detect(image), boxes, class_ids) <= 0.2
     tiled = demo.detect(image, tile=160, overlap=0.2)
     assert _recall(tiled, boxes, class_ids) >= 0.9
     # tiles alone: one box per object, not one per tile (the full-image pass adds the shrunken view's guesses)
     only_tiles = demo.detect(image, tile=160, overlap=0.2, full_image=False)
     assert _recall(only_tiles, boxes, class_ids) >= 0.9 and len(only_tiles) <= 1.15 * len(boxes)
-    assert (tiled.xyxy >= 0).all() and (tiled.xyxy[:, [2]] <= 640).all() and (tiled.xyxy[:, [3]] <= 480).all()
+    assert (tiled.xyxy >= 0).all() and (tiled.xyxy[:, [2]] <= 480).all() and (tiled.xyxy[:, [3]] <= 360).all()
     assert set(tiled.data["class_name"]) <= set(CANVAS.names)
     assert _recall(demo.detect(image, tile=240, merge="nmm"), boxes, class_ids) >= 0.9  # tiles shrunk to 160
 
@@ -239,8 +239,8 @@ def test_demo_tiles_run_in_batched_forwards(demo, canvas, monkeypatch):
 
     monkeypatch.setattr(demo, "detect_batch", counting)
     demo.detect(image, tile=TileSpec(size=160, overlap=0.2, batch=8))
-    n_tiles = len(tile_grid(640, 480, 160, 0.2))  # 5 x 4
-    assert calls == [8, 8, 4, 1]  # three batches of tiles and one full-image pass
+    n_tiles = len(tile_grid(480, 360, 160, 0.2))  # 4 x 3
+    assert calls == [8, 4, 1]  # two batches of tiles and one full-image pass
     assert sum(calls) == n_tiles + 1
 
 
@@ -251,20 +251,23 @@ def test_demo_thresholds_and_negatives_act_per_tile_as_without_tiling(demo, canv
     image = canvas[0]
     names = CANVAS.names
     plain = demo.detect(image, tile=160, conf=0.2)
+    first = int(np.bincount(plain.class_id).argmax())  # a class with several boxes: give it its own threshold
+    top = np.sort(plain.confidence[plain.class_id == first])[::-1]
+    own = float(top[:2].mean())  # between its two best scores
     try:
-        own = 0.95  # between the scores of the first class's two boxes on this canvas
-        demo.set_classes(ClassSpec((ClassEntry(names[0], (names[0],), conf=own),
-                                    *ClassSpec.from_names(names[1:]).classes)))
+        demo.set_classes(ClassSpec(tuple(ClassEntry(n, (n,), conf=own if i == first else None)
+                                         for i, n in enumerate(names))))
         limited = demo.detect(image, tile=160, conf=0.2)
-        keep = (plain.class_id != 0) | (plain.confidence > own)
-        assert 0 < (~keep).sum() < (plain.class_id == 0).sum()
+        keep = (plain.class_id != first) | (plain.confidence > own)
+        assert 0 < (~keep).sum() < (plain.class_id == first).sum()
         assert np.allclose(limited.xyxy, plain.xyxy[keep], atol=1e-3)
         assert np.array_equal(limited.class_id, plain.class_id[keep])
-        demo.set_classes(names[1:] + ["!" + names[0]])  # the first class as a negative: its boxes are dropped
+        others = [n for i, n in enumerate(names) if i != first]
+        demo.set_classes(others + ["!" + names[first]])  # that class as a negative: its boxes are dropped
         negative = demo.detect(image, tile=160, conf=0.2)
-        rest = plain[plain.class_id != 0]
+        rest = plain[plain.class_id != first]
         assert len(rest) < len(plain) and np.allclose(negative.xyxy, rest.xyxy, atol=1e-3)
-        assert np.array_equal(negative.class_id, rest.class_id - 1)
+        assert [others[c] for c in negative.class_id] == [names[c] for c in rest.class_id]
     finally:
         demo.set_classes(names)
 
@@ -284,3 +287,59 @@ def test_stream_passes_tiling_on(demo, canvas):
     expected = demo.detect(image, tile=160)  # tiles of both frames shared batches: equal up to batch numerics
     assert np.array_equal(frames[0][1].class_id, expected.class_id)
     assert np.allclose(frames[0][1].xyxy, expected.xyxy, atol=1e-2)
+
+
+# ---------------------------------------------------------------- commands
+
+@pytest.fixture(scope="module")
+def canvas_world(tmp_path_factory):
+    from ovdet.cli import main
+
+    out = tmp_path_factory.mktemp("canvas") / "world"
+    assert main(["synth", str(out), "--train", "1", "--val", "2", "--canvas", "480x320", "--object-size", "18,30",
+                 "--min-objects", "6", "--max-objects", "6", "--seed", "3", "--quiet"]) == 0
+    return out
+
+
+def test_synth_canvas_writes_large_images_of_small_objects(canvas_world):
+    import cv2
+    import yaml
+
+    data = yaml.safe_load((canvas_world / "data.yaml").read_text())
+    assert data["synth"]["canvas"] == [480, 320] and data["synth"]["object_size"] == [18, 30]
+    image = cv2.imread(str(canvas_world / "images" / "val" / "000000.png"))
+    assert image.shape == (320, 480, 3)
+    rows = np.loadtxt(canvas_world / "labels" / "val" / "000000.txt", ndmin=2)
+    assert len(rows) == 6
+    w, h = rows[:, 3] * 480, rows[:, 4] * 320  # object sides back in pixels
+    assert (np.maximum(w, h) >= 17).all() and (np.maximum(w, h) <= 36).all()
+
+
+@needs_demo
+def test_eval_and_annotate_commands_tile(canvas_world, demo, tmp_path, capsys):
+    import json
+
+    from ovdet.cli import main
+    from ovdet.evaluate import evaluate, load_dataset
+
+    untiled = evaluate(demo, load_dataset(canvas_world), progress=False).map50
+    assert main(["eval", str(canvas_world), "--model", "demo", "--device", "cpu", "--json", "--quiet",
+                 "--tile", "160"]) == 0
+    tiled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["map50"]
+    assert tiled >= 0.9 and tiled > untiled + 0.3, (tiled, untiled)
+
+    src, out = canvas_world / "images" / "val", tmp_path / "out"
+    args = ["annotate", str(src), "--classes", "red circle,green square,blue triangle", "--out", str(out),
+            "--model", "demo", "--device", "cpu", "--format", "yolo", "--quiet", "--tile", "160", "--merge", "nmm"]
+    assert main(args) == 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["tile"] == {"size": 160, "overlap": 0.2, "full_image": True, "merge": "nmm",
+                                "match_threshold": 0.5, "match_metric": "ios"}
+    assert len(list((out / "yolo" / "labels").rglob("*.txt"))) == 2
+    assert main([*args, "--tile-overlap", "0.3"]) == 2  # other tile settings: refused like any other setting
+    assert "tile" in capsys.readouterr().err
+
+    image = str(src / "000000.png")
+    assert main(["detect", image, "--classes", "red circle", "--model", "demo", "--device", "cpu", "--json",
+                 "--tile", "160", "--no-full-image"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["image"] == image

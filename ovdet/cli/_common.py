@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovdet.detector import OVDetector
+from ovdet.tiling import TileSpec
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -48,3 +49,25 @@ def build_detector(args: argparse.Namespace) -> OVDetector:
                      trust_weights=args.trust_weights)
     det.set_classes(args.classes)
     return det
+
+
+def add_tile_options(parser: argparse.ArgumentParser) -> None:
+    """--tile, --tile-overlap, --no-full-image, --merge: sliced inference for small objects in large images."""
+    group = parser.add_argument_group("tiling (small objects in large images)")
+    group.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                       help="cut each image into SIZE×SIZE tiles, detect in batches of tiles (each at --imgsz) and "
+                            "merge the boxes; e.g. 640 for 640-px models, 160-320 for the demo model")
+    group.add_argument("--tile-overlap", type=float, default=0.2, metavar="F",
+                       help="fraction of a tile that neighbouring tiles share")
+    group.add_argument("--no-full-image", dest="full_image", action="store_false",
+                       help="skip the extra pass over the whole (shrunken) image that finds large objects")
+    group.add_argument("--merge", choices=("nms", "nmm"), default="nms",
+                       help="boxes found by several tiles: nms keeps the best, nmm merges them into their union "
+                            "(SAHI's greedy NMM; joins the pieces of an object cut by tile borders)")
+
+
+def tile_options(args: argparse.Namespace) -> TileSpec | None:
+    """The TileSpec the tiling options ask for, or None without --tile."""
+    if args.tile is None:
+        return None
+    return TileSpec(size=args.tile, overlap=args.tile_overlap, full_image=args.full_image, merge=args.merge)

@@ -7,7 +7,7 @@ import sys
 
 from ovdet.annotate import annotate_folder
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
 from ovdet.distributed import RayEngine
 from ovdet.errors import DatasetError
 from ovdet.report import write_report
@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                                   "another split)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines) and no summary line")
     add_model_options(p)
+    add_tile_options(p)
     ray = p.add_argument_group("engine")
     ray.add_argument("--engine", choices=("local", "ray"), default="local",
                      help="local: threads in this process; ray: a Ray Data actor pool over a cluster (needs "
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, text_model=args.text_model, device=args.device, half=args.half,
         imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
-        val_split=args.val_split, split_seed=args.split_seed, engine=engine,
+        val_split=args.val_split, split_seed=args.split_seed, engine=engine, tile=tile_options(args),
     )
     if not args.quiet:
         print(summary.line(), file=sys.stderr)

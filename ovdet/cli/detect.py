@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
 from ovdet.draw import draw
 from ovdet.errors import ImageError
 from ovdet.sources import load_image
@@ -23,6 +23,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     add_classes_option(parser)
     add_model_options(parser)
+    add_tile_options(parser)
     parser.add_argument("--save", metavar="DIR", default=None, help="write annotated copies of the images here")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     return parser
@@ -30,6 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     det = build_detector(args)
+    tiling = {"tile": tile_options(args)} if args.tile is not None else {}
     failed = 0
     for path in args.images:
         try:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"ovdet: skipped {path}: {exc}", file=sys.stderr)
             continue
-        dets = det.detect(image)
+        dets = det.detect(image, **tiling)
         rows = [{"class": str(n), "score": round(float(s), 4), "xyxy": [round(float(v), 1) for v in box]}
                 for n, s, box in zip(dets.data["class_name"], dets.confidence, dets.xyxy)]
         if args.json:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_model_options
+from ovdet.cli._common import add_model_options, add_tile_options, tile_options
 from ovdet.detector import OVDetector, parse_class_names
 from ovdet.errors import DatasetError
 from ovdet.evaluate import evaluate, load_dataset, parse_mapping
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "most false positives / misses, ground truth and predictions drawn in two colours "
                         "(needs --out)")
     add_model_options(p)
+    add_tile_options(p)
     p.set_defaults(conf=0.001)  # mAP integrates over all confidences: keep low-scoring boxes
     return p
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
                      imgsz=args.imgsz, max_det=args.max_det, trust_weights=args.trust_weights)
     result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
-                      batch=args.batch, progress=not args.quiet, out=args.out)
+                      batch=args.batch, progress=not args.quiet, out=args.out, tile=tile_options(args))
     if args.json:
         print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, **result.to_dict()}))
     else:

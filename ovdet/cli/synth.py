@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovdet.cli import HelpFormatter
+from ovdet.errors import DatasetError
 from ovdet.synth import DEFAULT_COLOURS, DEFAULT_SHAPES, PALETTE, SHAPES, WorldSpec, generate
 
 
@@ -28,16 +29,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"comma-separated object shapes, from: {','.join(SHAPES)}")
     p.add_argument("--min-objects", type=int, default=2, help="fewest objects per image")
     p.add_argument("--max-objects", type=int, default=6, help="most objects per image")
+    p.add_argument("--canvas", default=None, metavar="WxH",
+                   help="large images of WxH pixels (e.g. 4000x3000) whose clutter looks locally like an --imgsz "
+                        "image; --min/--max-objects count per canvas. A world for sliced inference (--tile)")
+    p.add_argument("--object-size", default=None, metavar="MIN,MAX",
+                   help="object side in pixels, e.g. 16,40 (default: 9%%-32%% of --imgsz)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary line")
     return p
 
 
+def _pair(text: str | None, sep: str, option: str, example: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split(sep)
+    try:
+        first, second = (int(v) for v in parts)
+    except ValueError:
+        raise DatasetError(f"{option} takes two whole numbers like {example}, got {text!r}") from None
+    return first, second
+
+
 def run(args: argparse.Namespace) -> int:
     spec = WorldSpec(colours=tuple(_words(args.colours)), shapes=tuple(_words(args.shapes)), imgsz=args.imgsz,
-                     objects=(args.min_objects, args.max_objects))
+                     objects=(args.min_objects, args.max_objects),
+                     canvas=_pair(args.canvas, "x", "--canvas", "4000x3000"),
+                     object_px=_pair(args.object_size, ",", "--object-size", "16,40"))
     path = generate(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec, progress=not args.quiet)
     if args.quiet:
         return 0
-    print(f"wrote {args.train} train + {args.val} val images, {len(spec.names)} classes "
+    size = "x".join(map(str, spec.shape))
+    print(f"wrote {args.train} train + {args.val} val images ({size}), {len(spec.names)} classes "
           f"({', '.join(spec.names)}) -> {path}")
     return 0

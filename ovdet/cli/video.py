@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
 from ovdet.video import process_video
 
 
@@ -30,6 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing but errors: no progress and no summary")
     add_model_options(parser)
+    add_tile_options(parser)
     return parser
 
 
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         out = f"{Path(args.input).stem}_ovdet.mp4"
     det = build_detector(args)
     report = process_video(det, args.input, out, args.jsonl, track=args.track, traces=args.traces,
-                           batch=args.batch, progress=not (args.no_progress or args.quiet))
+                           batch=args.batch, progress=not (args.no_progress or args.quiet),
+                           **({"tile": tile_options(args)} if args.tile is not None else {}))
     if args.quiet:
         return 0
     print(f"{report.frames} frames in {report.seconds:.1f} s ({report.fps:.1f} frames/s)")
