@@ -21,6 +21,8 @@ from ovdet.world import WorldDetector
 
 # format -> how ultralytics recognises an exported file by its name (AutoBackend looks at the suffix)
 FORMATS = {"onnx": ".onnx", "openvino": "_openvino_model", "engine": ".engine"}
+# the live-vocabulary graph is not an ultralytics file: an .onnx, an OpenVINO .xml (+ .bin) or a TensorRT .engine
+LIVE_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "engine": ".engine"}
 PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -41,7 +43,7 @@ def default_output(model_name: str, fmt: str, precision: str, classes: Sequence[
     """`NAME[-live][-PRECISION]` + the format's suffix, in the current folder (ultralytics' naming, so a baked file
     loads with `YOLO(path)` as is)."""
     stem = model_name + ("" if classes is not None else "-live") + ("" if precision == "fp32" else f"-{precision}")
-    return Path(stem + FORMATS[fmt])
+    return Path(stem + (FORMATS if classes is not None else LIVE_SUFFIXES)[fmt])
 
 
 def check_export_options(fmt: str, precision: str) -> None:
@@ -109,10 +111,12 @@ def export_model(model: str | Path = "yolov8s-worldv2", format: str = "onnx",
     if size % world.stride:
         raise ModelError(f"imgsz {size} is not a multiple of the model's stride {world.stride}: use e.g. "
                          f"{max(world.stride, round(size / world.stride) * world.stride)}.")
-    if classes is None:
-        raise ModelError("Live-vocabulary export is not available yet: pass --classes to bake a vocabulary in.")
-    spec = baked_spec(classes)
     text = LazyTextEncoder(text_model, device="cpu", embedded_state=world.text_encoder_state)
+    if classes is None:
+        target = Path(out) if out is not None else default_output(world.name, fmt, precision, None)
+        path = export_live(world, fmt, target, precision, size, text_identity=_text_identity(text))
+        return ExportResult(path, fmt, precision, size, None, time.perf_counter() - start)
+    spec = baked_spec(classes)
     embeddings = spec.embed(text.encode)
     target = Path(out) if out is not None else default_output(world.name, fmt, precision, spec.names)
     path = export_baked(world, spec.names, embeddings, fmt, target, precision, size, calib, batch, dynamic)
@@ -151,6 +155,95 @@ def export_baked(world: WorldDetector, names: Sequence[str], embeddings: torch.T
         with _quiet_ultralytics():
             written = Path(Exporter(overrides=overrides)(model=model))
         _replace(written, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _text_identity(text: LazyTextEncoder) -> str:
+    """The text tower's cache identity, or the reason it is not known (a tower that is not available offline)."""
+    try:
+        return text.identity
+    except ModelError as exc:
+        return f"unknown ({exc})"
+
+
+def live_metadata(world: WorldDetector, imgsz: int, precision: str, text_identity: str) -> dict[str, str]:
+    """What a runtime needs to drive the live graph, stored in the exported file (ONNX metadata_props / OpenVINO
+    rt_info under `ovdet`)."""
+    from ovdet import __version__
+    from ovdet.backends import IMAGES, OUTPUT, TEXT
+
+    return {
+        "producer": f"ovdet {__version__}",
+        "model": world.model_id,
+        "vocabulary": "live",
+        "precision": precision,
+        "stride": str(world.stride),
+        "imgsz": str(imgsz),
+        "embed_dim": str(world.embed_dim),
+        "text_model": text_identity,
+        "inputs": f"{IMAGES}: float32 [batch, 3, height, width] RGB in 0..1, letterboxed (pad 114/255), height and "
+                  f"width multiples of {world.stride}; {TEXT}: float32 [1 or batch, classes, {world.embed_dim}] "
+                  "L2-normalized text embeddings, one row per prompt",
+        "outputs": f"{OUTPUT}: float32 [batch, 4 + classes, anchors]: cx, cy, w, h in input pixels, then one sigmoid "
+                   "score per text row; no NMS",
+    }
+
+
+def export_live(world: WorldDetector, fmt: str, out: Path, precision: str = "fp32", imgsz: int = 640,
+                text_identity: str = "") -> Path:
+    """Write the live-vocabulary graph (ovdet.backends.graph: inputs images and txt_feats, every axis dynamic) as an
+    ONNX file, an OpenVINO IR (.xml + .bin) or a TensorRT engine, with `live_metadata` inside."""
+    import onnx
+
+    from ovdet.backends import export_onnx
+
+    if precision == "int8":
+        raise ModelError("int8 live-vocabulary export is not available: int8 calibrates with a vocabulary, so bake "
+                         "one in (--classes ... --precision int8), or run ovdet --backend openvino --precision int8.")
+    suffix = LIVE_SUFFIXES[fmt]
+    if out.suffix != suffix:
+        raise ModelError(f"--out {out}: the live-vocabulary {fmt} export is a {suffix} file, e.g. "
+                         f"{out.with_name(out.name + suffix)}.")
+    if out.is_dir():
+        raise ModelError(f"--out {out} is a folder: give the {suffix} file to write.")
+    meta = live_metadata(world, imgsz, precision, text_identity)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".ovdet-export-", dir=out.parent))
+    try:
+        path = export_onnx(world.model, work / "live.onnx")
+        graph = onnx.load(str(path))
+        for key, value in meta.items():
+            prop = graph.metadata_props.add()
+            prop.key, prop.value = key, value
+        if precision == "fp16" and fmt == "onnx":
+            from onnxruntime.transformers import float16
+
+            graph = float16.convert_float_to_float16(graph, keep_io_types=True)  # float32 in and out, as documented
+        onnx.save(graph, str(path))
+        if fmt == "onnx":
+            os.replace(path, out)
+        elif fmt == "openvino":
+            import openvino as ov
+
+            model = ov.convert_model(str(path))
+            for key, value in meta.items():
+                model.set_rt_info(value, ["ovdet", key])
+            ov.save_model(model, str(work / "live.xml"), compress_to_fp16=precision == "fp16")
+            os.replace(work / "live.bin", out.with_suffix(".bin"))  # weights first: the .xml names a complete pair
+            os.replace(work / "live.xml", out)
+        else:
+            import json
+
+            from ovdet.backends.tensorrt import Profile, build_engine
+
+            profile = Profile(imgsz=imgsz, max_size=max(1280, imgsz))
+            (work / "live.engine").write_bytes(build_engine(path, precision, imgsz, world.embed_dim, profile))
+            meta["profile"] = profile.key()  # batch, sizes and prompt counts the engine accepts
+            (work / "live.json").write_text(json.dumps(meta, indent=1))
+            os.replace(work / "live.json", out.with_suffix(".json"))
+            os.replace(work / "live.engine", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -122,3 +122,86 @@ def test_v1_models_and_engines_without_a_gpu_are_refused(tmp_path, tiny_text_enc
     with pytest.raises(ClassSpecError, match="thresholds"):
         export_model("demo", "onnx", classes={"classes": [{"name": "a", "conf": 0.3}]}, out=tmp_path / "t.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def foreign_runtime_detect(run, image: np.ndarray, embeddings: np.ndarray, imgsz: int, conf: float):
+    """What the README tells any runtime to do with a live graph: letterbox, RGB 0..1, run with the embeddings, NMS,
+    boxes back to the image (here with ultralytics' helpers)."""
+    import torch
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils import nms, ops
+
+    boxed = LetterBox((imgsz, imgsz), auto=True, stride=32)(image=image)
+    batch = np.ascontiguousarray(boxed[..., ::-1].transpose(2, 0, 1)[None], dtype=np.float32) / 255
+    raw = run(batch, embeddings[None].astype(np.float32))
+    assert raw.shape == (1, 4 + len(embeddings), raw.shape[2]) and raw.dtype == np.float32
+    det = nms.non_max_suppression(torch.from_numpy(raw), conf, 0.7, max_det=300)[0]
+    det[:, :4] = ops.scale_boxes(batch.shape[2:], det[:, :4], image.shape)
+    return det.numpy()
+
+
+def test_live_onnx_export_runs_in_onnxruntime_with_any_vocabulary(tmp_path, monkeypatch, capsys):
+    import cv2
+    import onnxruntime as ort
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "demo", "--format", "onnx"]) == 0  # no --classes: the live graph, default name
+    assert "live vocabulary" in capsys.readouterr().out
+    session = ort.InferenceSession("demo-world-live.onnx", providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["vocabulary"] == "live" and meta["model"].startswith("demo-world@") and meta["imgsz"] == "160"
+    assert [i.name for i in session.get_inputs()] == ["images", "txt_feats"]
+    image = np.hstack([cv2.imread(str(ROOT / "samples" / "shapes" / f"shape_{i}.jpg")) for i in (1, 2)])
+    det = OVDetector("demo", device="cpu", conf=0.2)
+    for vocabulary in (["red circle"], SHAPES):  # K = 1, then K = 3, with the same file
+        assert main(["classes", "encode", ",".join(vocabulary), "--model", "demo", "--save", "emb.npy"]) == 0
+        ours = foreign_runtime_detect(lambda x, t: session.run(None, {"images": x, "txt_feats": t})[0], image,
+                                      np.load("emb.npy"), 160, 0.2)
+        det.set_classes(vocabulary)
+        expected = det.detect(image)
+        assert len(expected) > 0 and len(ours) == len(expected)
+        np.testing.assert_allclose(ours[:, :4], expected.xyxy, atol=1e-2)
+        np.testing.assert_allclose(ours[:, 4], expected.confidence, atol=1e-4)
+        np.testing.assert_array_equal(ours[:, 5].astype(int), expected.class_id)
+
+
+def test_live_openvino_fp16_export_holds_an_ir_pair_with_the_contract(tmp_path):
+    import openvino as ov
+
+    result = export_model("demo", "openvino", out=tmp_path / "live.xml", precision="fp16")
+    assert result.classes is None and (tmp_path / "live.bin").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.bin", "live.xml"]  # no temporary left behind
+    model = ov.Core().read_model(str(result.path))
+    assert model.get_rt_info(["ovdet", "vocabulary"]).astype(str) == "live"
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for k in (1, 5):
+        out = compiled({"images": np.random.rand(2, 3, 96, 160).astype(np.float32),
+                        "txt_feats": np.ones((1, k, 512), np.float32) / np.sqrt(512)})[0]
+        assert out.shape == (2, 4 + k, (12 * 20 + 6 * 10 + 3 * 5)) and 0 <= out[:, 4:].min() <= out[:, 4:].max() <= 1
+
+
+def _tensorrt_ready() -> bool:
+    from ovdet.backends.tensorrt import available
+
+    return available()
+
+
+@pytest.mark.skipif(not _tensorrt_ready(), reason="needs an NVIDIA GPU with CUDA and the tensorrt package")
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-3), ("fp16", 3e-2)])
+def test_live_engine_export_runs_any_vocabulary_like_torch(tmp_path, precision, atol):
+    import torch
+
+    from ovdet.backends.tensorrt import EngineRunner, Profile
+
+    result = export_model("demo", "engine", out=tmp_path / "live.engine", precision=precision)
+    runner = EngineRunner(result.path.read_bytes(), torch.device("cuda"), Profile(imgsz=160))
+    det = OVDetector("demo", device="cpu")
+    for k, (b, h, w) in ((1, (1, 160, 160)), (9, (3, 96, 224))):
+        det.set_classes([f"shape {i}" for i in range(k)])
+        images, txt = torch.rand(b, 3, h, w), det.world._txt_feats.float()
+        with torch.inference_mode():
+            expected = det.world.model.float().predict(images.contiguous(), txt_feats=txt)[0]
+        got = runner(images.cuda(), txt.cuda()).cpu()
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got[:, 4:], expected[:, 4:], atol=atol, rtol=0)
+        torch.testing.assert_close(got[:, :4], expected[:, :4], atol=atol * 160, rtol=0)

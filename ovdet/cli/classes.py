@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                 help="detector whose embedded text tower to use (e.g. an `ovdet train` "
                                      "checkpoint); unset: only --text-model matters")
             action.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+            action.add_argument("--save", default=None, metavar="FILE.npy",
+                                help="also write the embeddings as a float32 [rows, dim] NumPy file, one row per "
+                                     "phrasing (negatives last): the txt_feats input of an exported live graph")
             add_trust_option(action)
     return parser
 
@@ -63,7 +66,30 @@ def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
     print(f"{len(texts)} prompt(s) for {len(spec.classes)} class(es): {cached} already cached, "
           f"{len(texts) - cached} encoded with {identity}")
     print(f"cache: {cache.root}")
+    if args.save:
+        _save(args, spec, cache)
     return 0
+
+
+def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
+    """Write spec's embedding rows (all cached by now) to args.save."""
+    import numpy as np
+
+    from ovdet.embedding_cache import LazyTextEncoder
+
+    state = None
+    if args.model is not None and not str(args.model).endswith((".yaml", ".yml")):
+        from ovdet.checkpoint import TEXT_ENCODER_KEY
+        from ovdet.weights import resolve_detector
+        from ovdet.world import load_world_checkpoint
+
+        state = load_world_checkpoint(resolve_detector(args.model), trust_weights=args.trust_weights)[1] \
+            .get(TEXT_ENCODER_KEY)
+    tower = LazyTextEncoder(args.text_model, device="cpu", embedded_state=state, cache=cache)
+    rows = spec.embed(tower.encode).float().cpu().numpy()
+    np.save(args.save, rows)
+    names = [f"{phrase}" + (" (negative)" if column < 0 else "") for phrase, column in spec.columns]
+    print(f"embeddings [{rows.shape[0]}, {rows.shape[1]}] -> {args.save}  (rows: {', '.join(names)})")
 
 
 def run(args: argparse.Namespace) -> int:
