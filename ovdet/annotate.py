@@ -60,7 +60,15 @@ __all__ = ["AnnotateSummary", "annotate_folder"]
 
 _MANIFEST_VERSION = 1
 # Settings added after version 1, with the value a run.json written before them implies.
-_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None}
+_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None, "reduced_precision": None}
+
+
+def _reduced_precision(detector: Any, ray_engine: Any) -> str | None:
+    """bf16 / int8 when the run's detections come from a reduced-precision model (they differ a little from
+    fp32, so a resume must not mix them); None for fp32 and fp16, whose detections agree with fp32 to ~1e-4."""
+    precision = getattr(ray_engine, "precision", None) if ray_engine is not None else getattr(detector, "precision",
+                                                                                             None)
+    return precision if precision in ("bf16", "int8") else None
 
 
 @dataclass
@@ -107,6 +115,9 @@ def annotate_folder(
     text_model: Any = None,
     device: str = "auto",
     half: bool | None = None,
+    backend: str = "auto",
+    precision: str | None = None,
+    calib: str | os.PathLike | None = None,
     imgsz: int | None = None,
     conf: float = 0.25,
     iou: float = 0.7,
@@ -126,7 +137,8 @@ def annotate_folder(
     """Detect `classes` in every image under `src` and write the datasets named in `formats` to `out`.
 
     `detector` is an OVDetector (or a zero-argument function returning one, called only after the
-    folders have been checked); without it one is built from model/text_model/device/half/imgsz.
+    folders have been checked); without it one is built from model/text_model/device/half/backend/precision/
+    calib/imgsz (see OVDetector).
     `formats` is any of "coco", "yolo", "voc", "jsonl" (list or comma-separated string); the JSONL
     journal `predictions.jsonl` is always written because resuming relies on it. Re-running with the
     same arguments resumes an interrupted run; different classes, model or settings raise
@@ -168,11 +180,13 @@ def annotate_folder(
         if detector is None:
             from ovdet.detector import OVDetector
 
-            kwargs = {} if imgsz is None else {"imgsz": imgsz}
+            kwargs: dict[str, Any] = {} if imgsz is None else {"imgsz": imgsz}
             if ray_engine is not None:  # the driver only encodes the classes; the workers run on `device`
-                ray_engine = dataclasses.replace(ray_engine, device=device, half=half)
-                device, half = "cpu", False
-            detector = OVDetector(model, text_model=text_model, device=device, half=half, **kwargs)
+                ray_engine = dataclasses.replace(ray_engine, device=device, half=half, backend=backend,
+                                                 precision=precision, calib=None if calib is None else str(calib))
+                device, half, backend, precision = "cpu", False, "torch", None
+            detector = OVDetector(model, text_model=text_model, device=device, half=half, backend=backend,
+                                  precision=precision, calib=calib, **kwargs)
         elif callable(detector) and not hasattr(detector, "detect_batch"):
             detector = detector()
         if getattr(detector, "class_spec", None) != spec:
@@ -190,6 +204,7 @@ def annotate_folder(
             "max_det": int(max_det),
             "formats": list(fmts),
             "save_annotated": bool(save_annotated),
+            "reduced_precision": _reduced_precision(detector, ray_engine),
             "val_split": split.fraction,
             "split_seed": split.seed,
             "tile": tiling.settings() if tiling is not None else None,

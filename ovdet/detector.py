@@ -46,9 +46,16 @@ class OVDetector:
 
     def __init__(self, model: str | Path | Any = "yolov8s-worldv2", text_model: str | Path | TextEncoder | None = None,
                  device: str | torch.device = "auto", half: bool | None = None, imgsz: int | None = None,
-                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, trust_weights: bool = False):
-        # trust_weights=True allows checkpoints that run code when loaded: only for files you trust
-        self.world = WorldDetector.load(model, device=device, half=half, trust_weights=trust_weights)
+                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, trust_weights: bool = False,
+                 backend: str = "auto", precision: str | None = None, calib: str | Path | None = None,
+                 threads: int | None = None):
+        # trust_weights=True allows checkpoints that run code when loaded: only for files you trust.
+        # backend: auto (OpenVINO on a CPU, TensorRT on CUDA when installed, else torch), torch, openvino,
+        # onnxruntime, tensorrt; precision: fp32, bf16, fp16, int8 (default fp16 with torch on CUDA, else fp32);
+        # calib: folder of int8 calibration images; threads: the backend's threads (default: torch's count).
+        self.world = WorldDetector.load(model, device=device, half=half, trust_weights=trust_weights,
+                                        backend=backend, precision=precision, threads=threads, calib=calib,
+                                        calib_imgsz=imgsz)
         self.imgsz = imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self._text = LazyTextEncoder(text_model, device=self.device, embedded_state=self.world.text_encoder_state)
@@ -58,6 +65,16 @@ class OVDetector:
     @property
     def device(self) -> torch.device:
         return self.world.device
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the forward pass: torch, openvino, onnxruntime or tensorrt."""
+        return self.world.backend.name
+
+    @property
+    def precision(self) -> str:
+        """The precision it runs at: fp32, bf16, fp16 or int8."""
+        return self.world.backend.precision
 
     @property
     def model_id(self) -> str:

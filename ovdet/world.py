@@ -1,4 +1,4 @@
-"""The region–text model: YOLO-World weights, text embeddings set on the model, letterbox, forward, NMS."""
+"""The region–text model: YOLO-World weights and text embeddings, letterbox → backend forward → shared post (NMS)."""
 
 from __future__ import annotations
 
@@ -62,14 +62,18 @@ class WorldDetector:
     """A YOLO-World model on a device with its class embeddings set: images in, boxes out (N×6 per image)."""
 
     def __init__(self, model: WorldModel, name: str, device: str | torch.device = "auto", half: bool | None = None,
-                 digest: str | None = None, text_encoder_state: dict | None = None, train_imgsz: int = 640):
-        self.device = select_device(device)
-        self.half = (self.device.type == "cuda") if half is None else bool(half)
-        if self.half and self.device.type == "cpu":
-            raise ModelError("half=True needs a GPU: fp16 convolutions are not supported on CPU; use half=False.")
-        model = model.fuse(verbose=False).eval().to(self.device)
+                 digest: str | None = None, text_encoder_state: dict | None = None, train_imgsz: int = 640,
+                 backend: str = "torch", precision: str | None = None, threads: int | None = None,
+                 calib: str | Path | None = None, calib_imgsz: int | None = None):
+        from ovdet.backends import create_backend, resolve
+
+        choice = resolve(backend, device, half, precision)
+        self.device = choice.device
+        self.half = choice.name == "torch" and choice.precision == "fp16"
+        on_device = choice.name == "torch"  # the other backends export a CPU copy and run it in their runtime
+        model = model.fuse(verbose=False).eval().to(self.device if on_device else torch.device("cpu"))
         model = model.half() if self.half else model.float()
-        if _channels_last_helps(self.device):
+        if on_device and _channels_last_helps(self.device):
             model = model.to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -84,15 +88,30 @@ class WorldDetector:
         self._columns: torch.Tensor | None = None  # embedding row -> class index (-1: negative); None: row i is class i
         self._num_classes = 0
         self._reduce = "max"
+        self.backend_reason = choice.reason
+
+        def calibration():
+            from ovdet.backends.calib import make_calibration
+
+            return make_calibration(calib, calib_imgsz or train_imgsz, self.preprocess)
+
+        self.backend = create_backend(choice, model, lambda: self.model_id, threads=threads, calibration=calibration)
+
+    def describe(self) -> str:
+        """Which backend runs, in words: e.g. "openvino fp32, 2 threads, cpu (auto: OpenVINO on a CPU)"."""
+        b = self.backend
+        why = f" ({self.backend_reason})" if self.backend_reason else ""
+        return f"{b.name} {b.precision}, {b.threads} thread{'s' if b.threads != 1 else ''}, {self.device}{why}"
 
     @classmethod
     def load(cls, source: str | Path | WorldModel, device: str | torch.device = "auto",
-             half: bool | None = None, trust_weights: bool = False) -> WorldDetector:
+             half: bool | None = None, trust_weights: bool = False, **backend: Any) -> WorldDetector:
         """Load from a checkpoint path, a registry name, an ultralytics yaml config (random weights) or a model.
 
-        Checkpoints are read without running code from them; `trust_weights=True` allows files that need it."""
+        Checkpoints are read without running code from them; `trust_weights=True` allows files that need it.
+        `backend` keywords (backend, precision, threads, calib, calib_imgsz) choose what runs the forward pass."""
         if isinstance(source, WorldModel):
-            return cls(source, type(source).__name__, device, half)
+            return cls(source, type(source).__name__, device, half, **backend)
         text = str(source)
         if text.endswith((".yaml", ".yml")):
             with _quiet_ultralytics():
@@ -101,13 +120,13 @@ class WorldDetector:
                 except FileNotFoundError as exc:
                     raise ModelError(f"Model config {text!r} not found: give a path or an ultralytics config "
                                      "name such as 'yolov8s-worldv2.yaml'.") from exc
-            return cls(model, Path(text).name, device, half)
+            return cls(model, Path(text).name, device, half, **backend)
         path = resolve_detector(text)
         model, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
         imgsz = (ckpt.get("train_args") or {}).get("imgsz") or 640
         return cls(model, path.stem, device, half, digest=cached_sha256(path)[:16],
                    text_encoder_state=ckpt.get(TEXT_ENCODER_KEY),
-                   train_imgsz=max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz))
+                   train_imgsz=max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz), **backend)
 
     @property
     def model_id(self) -> str:
@@ -144,8 +163,7 @@ class WorldDetector:
         dtype = torch.float16 if self.half else torch.float32
         self._txt_feats = embeddings.detach().to(self.device, dtype)[None]
         self._columns, self._reduce = columns, reduce
-        self.model.txt_feats = self._txt_feats
-        self.model.model[-1].nc = embeddings.shape[0]
+        self.model.txt_feats = self._txt_feats  # the Ray engine ships these with the weights
 
     def preprocess(self, images: list[np.ndarray], imgsz: int) -> torch.Tensor:
         """Letterbox BGR uint8 images exactly as ultralytics predict does; returns a normalized RGB batch."""
@@ -194,7 +212,7 @@ class WorldDetector:
         if self._txt_feats is None:
             raise ModelError("No classes set: call set_classes([...]) before detecting.")
         batch = self.preprocess(images, imgsz)
-        preds = self.model.predict(batch, txt_feats=self._txt_feats)
+        preds = self.backend.run(batch, self._txt_feats)
         if self._columns is not None or class_conf is not None:
             preds, conf = self.class_scores(preds, conf, class_conf)
         kept = nms.non_max_suppression(preds, conf, iou, max_det=max_det)

@@ -30,9 +30,12 @@ def _no_network(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own OVDET_HOME and is offline unless it says otherwise."""
+    """Every test gets its own OVDET_HOME, is offline and runs the torch backend unless it says otherwise."""
     monkeypatch.setenv("OVDET_HOME", str(tmp_path_factory.mktemp("ovdet_home")))
     monkeypatch.setenv("OVDET_OFFLINE", "1")
+    # backend "auto" means torch in tests: the reference path, with nothing to export per test (OpenVINO, ONNX
+    # Runtime and the auto choice itself are tested in tests/test_backends*.py)
+    monkeypatch.setenv("OVDET_BACKEND", "torch")
 
 
 def random_world_model(cfg: str = "yolov8n-worldv2.yaml", seed: int = 0) -> WorldModel:

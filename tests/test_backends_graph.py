@@ -3,7 +3,6 @@ exported to ONNX (run by ONNX Runtime and OpenVINO)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -50,17 +49,13 @@ def test_portable_pooling_equals_adaptive_max_pool():
         torch.testing.assert_close(_adaptive_max_pool(x, 3), torch.nn.AdaptiveMaxPool2d((3, 3))(x), rtol=0, atol=0)
 
 
-def test_one_onnx_export_serves_every_shape_and_vocabulary(fused, onnx_file):
-    import onnxruntime as ort
-    import openvino as ov
+def test_onnx_export_keeps_every_axis_dynamic(onnx_file):
+    """Batch, height, width and the class count are symbolic in the file (OpenVINO / ONNX Runtime runs against torch
+    are in test_backends.py)."""
+    import onnx
 
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    compiled = ov.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    for case in CASES:
-        images, txt = inputs(*case, seed=1)
-        ref = reference(fused, images, txt).numpy()
-        for out in (session.run(None, {"images": images.numpy(), "txt_feats": txt.numpy()})[0],
-                    compiled([images.numpy(), txt.numpy()])[0]):
-            assert out.shape == ref.shape
-            np.testing.assert_allclose(out[:, :4], ref[:, :4], rtol=0, atol=1e-2)  # box pixels
-            np.testing.assert_allclose(out[:, 4:], ref[:, 4:], rtol=0, atol=1e-4)  # scores
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output]}
+    assert dims == {"images": ["batch", 3, "height", "width"], "txt_feats": ["text_batch", "classes", 512],
+                    "output": ["batch", "boxes_and_classes", "anchors"]}

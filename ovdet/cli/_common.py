@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+import sys
+
+from ovdet.backends import BACKEND_ENV, BACKENDS, PRECISIONS
 from ovdet.detector import OVDetector
 from ovdet.tiling import TileSpec
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --text-model, --device, --half, --imgsz, --conf, --iou, --max-det."""
+    """--model, --text-model, --device, --half, --backend, --precision, --calib, --threads, --imgsz, --conf, --iou,
+    --max-det."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="yolov8s-worldv2",
                        help="detector: a name from `ovdet weights list`, a .pt file, or an ultralytics yaml config")
@@ -19,6 +23,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     group.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
                        help="fp16 inference (default: on for CUDA, off otherwise)")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="what runs the model: auto (OpenVINO on a CPU, TensorRT on CUDA, when installed; else "
+                            f"torch; ${BACKEND_ENV} overrides auto), torch, openvino, onnxruntime, tensorrt. The "
+                            "vocabulary stays live on every backend; see README, Backends")
+    group.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="fp32; bf16 (openvino, CPUs with bf16); fp16 (GPU); int8 (openvino, calibrated on --calib "
+                            "images) (default: fp16 with torch / tensorrt on CUDA, else fp32)")
+    group.add_argument("--calib", default=None, metavar="DIR",
+                       help="folder of images to calibrate int8 on, like the ones you will detect in (default: the "
+                            "samples shipped with ovdet, else ultralytics' sample photos)")
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads of the backend (default: torch's thread count)")
     group.add_argument("--imgsz", type=int, default=None,
                        help="inference size in pixels, a multiple of 32 (default: the size the model was trained "
                             "at, 640 for the published YOLO-World models)")
@@ -42,11 +58,20 @@ def add_classes_option(parser: argparse.ArgumentParser) -> None:
                              'it best; or a class file (.yaml/.json, see samples/classes/)')
 
 
+def detector_from_args(args: argparse.Namespace, **overrides) -> OVDetector:
+    """An OVDetector from the parsed model options; says on stderr which backend runs (unless --quiet)."""
+    options = dict(text_model=args.text_model, device=args.device, half=args.half, imgsz=args.imgsz, conf=args.conf,
+                   iou=args.iou, max_det=args.max_det, trust_weights=args.trust_weights, backend=args.backend,
+                   precision=args.precision, calib=args.calib, threads=args.threads)
+    det = OVDetector(args.model, **{**options, **overrides})
+    if not getattr(args, "quiet", False):
+        print(f"ovdet: {det.model_id} on {det.world.describe()}", file=sys.stderr)
+    return det
+
+
 def build_detector(args: argparse.Namespace) -> OVDetector:
     """An OVDetector from the parsed model options, with args.classes set."""
-    det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
-                     imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det,
-                     trust_weights=args.trust_weights)
+    det = detector_from_args(args)
     det.set_classes(args.classes)
     return det
 

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     summary = annotate_folder(
         args.src, args.classes, args.out, formats=args.format,
         detector=None if args.engine == "ray" else lambda: build_detector(args),
-        model=args.model, text_model=args.text_model, device=args.device, half=args.half,
+        model=args.model, text_model=args.text_model, device=args.device, half=args.half, backend=args.backend,
+        precision=args.precision, calib=args.calib,
         imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
         val_split=args.val_split, split_seed=args.split_seed, engine=engine, tile=tile_options(args),

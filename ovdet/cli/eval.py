@@ -6,8 +6,8 @@ import argparse
 import json
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_model_options, add_tile_options, tile_options
-from ovdet.detector import OVDetector, parse_class_names
+from ovdet.cli._common import add_model_options, add_tile_options, detector_from_args, tile_options
+from ovdet.detector import parse_class_names
 from ovdet.errors import DatasetError
 from ovdet.evaluate import evaluate, load_dataset, parse_mapping
 from ovdet.report import write_report
@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, split=args.split)
     mapping = parse_mapping(args.map, dataset.names)
     classes = parse_class_names(args.classes) if args.classes else None
-    det = OVDetector(args.model, text_model=args.text_model, device=args.device, half=args.half,
-                     imgsz=args.imgsz, max_det=args.max_det, trust_weights=args.trust_weights)
+    det = detector_from_args(args)
     result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
                       batch=args.batch, progress=not args.quiet, out=args.out, tile=tile_options(args))
     if args.json:

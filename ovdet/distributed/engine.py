@@ -48,7 +48,7 @@ class RayEngine:
 
     `address`: a Ray cluster ("auto", "ray://head:10001", "10.0.0.5:6379"); None joins the cluster running
     on this machine if there is one, else starts a local one. `workers`: detector actors (default: as many
-    as the cluster has CPUs / GPUs for). `device` / `half` apply to the workers (the driver encodes the
+    as the cluster has CPUs / GPUs for). `device` / `half` / `backend` / `precision` / `calib` apply to the workers (the driver encodes the
     classes on its CPU). `part_size`: images per worker call and part file (default: from the batch and the
     number of images).
     """
@@ -60,6 +60,9 @@ class RayEngine:
     device: str = "auto"
     half: bool | None = None
     part_size: int | None = None
+    backend: str = "auto"
+    precision: str | None = None
+    calib: str | None = None
 
     def source(self, src: str | os.PathLike, recursive: bool = True) -> Source:
         """Where the images are: a folder or a URI (see ovdet.distributed.storage)."""
@@ -190,7 +193,8 @@ class _Driver:
                 payload = [self.ray.put(_payload(self.detector))]  # shipped once; kept referenced for restarts
                 spec = WorkerSpec(payload, str(self.out), self.token, self.source, self.detect_kwargs, self.batch,
                                   self.engine.device, self.engine.half, max(1, int(self.engine.cpus_per_worker)),
-                                  self.run_.preview is not None)
+                                  self.run_.preview is not None, self.engine.backend, self.engine.precision,
+                                  self.engine.calib)
                 blocks = self._blocks(part)
                 for row in self._execute(blocks, spec, min(workers, len(blocks)), part):
                     self._merge(folder / str(row["part"]))

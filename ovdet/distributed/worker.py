@@ -52,6 +52,9 @@ class WorkerSpec:
     half: bool | None = None
     threads: int = 1
     save_annotated: bool = False
+    backend: str = "auto"
+    precision: str | None = None
+    calib: str | None = None
 
 
 class Annotator:
@@ -66,7 +69,9 @@ class Annotator:
         _check_token(Path(spec.out), spec.token)
         torch.set_num_threads(max(1, spec.threads))
         payload: DetectorPayload = ray.get(spec.payload[0])
-        self.detector = OVDetector(payload.model, device=spec.device, half=spec.half, imgsz=payload.imgsz)
+        self.detector = OVDetector(payload.model, device=spec.device, half=spec.half, imgsz=payload.imgsz,
+                                   backend=spec.backend, precision=spec.precision, calib=spec.calib,
+                                   threads=max(1, spec.threads))
         self.detector.set_embeddings(payload.spec, payload.embeddings)
         self.names = list(payload.spec.names)
         self.spec = spec

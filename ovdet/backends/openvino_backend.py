@@ -1,0 +1,110 @@
+"""OpenVINO backend: the live-vocabulary graph as OpenVINO IR on the CPU, fp32, bf16 or int8 (NNCF post-training)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ovdet.backends import graph
+from ovdet.backends.base import Calibration, ExportedBackend
+from ovdet.backends.cache import require_module
+from ovdet.errors import ModelError
+
+INSTALL = "pip install openvino (a dependency of ovdet: reinstall ovdet)"
+INSTALL_INT8 = 'pip install "ovdet[int8]" (or pip install nncf)'
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: what NNCF leaves unquantized stays f32
+# int8 quantizes the convolutions and what feeds them. Kept f32: every op that touches the text embeddings (the
+# neck's attention, v1's image-pooling attention, the contrastive head: MatMul / Einsum, cv4), so any vocabulary
+# scores as the calibration one did; the integral (DFL) conv; and the box decoding and score ops after the head
+# (top-level Sub/Add/Mul/Div/Concat/Sigmoid of LiveWorldGraph), whose values are pixel coordinates that 8 bits
+# would round by ~1/256 of the image. Measured on the demo model (benchmarks/accuracy_precisions.py): quantizing
+# the decoding too cost 0.015-0.037 mAP50-95; keeping it f32 brings int8 within 0.01 of fp32.
+_INT8_IGNORED = {"types": ["MatMul", "Einsum"],
+                 "patterns": [".*dfl.*", r"/cv4\..*", r"/(Sub|Add|Mul|Div|Sigmoid|Concat)(_\d+)?$"]}
+INT8_RECIPE = 2  # bump when the quantization settings change: part of the cache key
+
+
+def available() -> bool:
+    """True when the openvino package can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cpu_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin says this CPU can do (e.g. FP32, BF16, INT8)."""
+    ov = require_module("openvino", INSTALL, "The openvino backend")
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+class OpenVINOBackend(ExportedBackend):
+    """Runs the graph with OpenVINO's CPU plugin; `INFERENCE_PRECISION_HINT` is always set explicitly (the plugin
+    would pick bf16 by itself on CPUs that have it)."""
+
+    name = "openvino"
+    runtime = "openvino"
+    precisions = ("fp32", "bf16", "int8")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.device.type != "cpu":
+            raise ModelError(f"The openvino backend runs on the CPU, not {self.device}: use device='cpu' (--device "
+                             "cpu), or backend='tensorrt' / 'torch' on a GPU.")
+        self._ov = require_module("openvino", INSTALL, "The openvino backend")
+        if self.precision == "bf16" and "BF16" not in cpu_capabilities():
+            raise ModelError("This CPU has no bf16 support (OpenVINO reports "
+                             f"{', '.join(cpu_capabilities())}): use precision fp32 or int8.")
+        if self.precision == "int8":
+            require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")
+        self._request = None
+
+    def kind(self, calibration: Calibration | None) -> str:
+        return f"int8r{INT8_RECIPE}-{calibration.digest}" if calibration is not None else "fp32"  # bf16 compiles the fp32 file
+
+    def extra_packages(self, kind: str) -> tuple[str, ...]:
+        return ("nncf", "onnx") if kind.startswith("int8") else ("onnx",)
+
+    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: torch.Tensor | None) -> None:
+        ov = self._ov
+        onnx_path = graph.export_onnx(self.model, folder / "graph.onnx")
+        model = ov.convert_model(str(onnx_path))
+        if calibration is not None:
+            model = _quantize(model, calibration, txt_feats)
+        ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)  # fp16 weights would change fp32
+        onnx_path.unlink()
+
+    def _load(self, folder: Path):
+        core = self._ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision], "INFERENCE_NUM_THREADS": self.threads,
+                  "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        compiled = core.compile_model(str(folder / "model.xml"), "CPU", config)
+        self._request = compiled.create_infer_request()
+        return compiled
+
+    def _infer(self, images: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        self._request.infer({graph.IMAGES: images, graph.TEXT: txt})
+        return self._request.get_output_tensor(0).data.copy()
+
+
+def _quantize(model, calibration: Calibration, txt_feats: torch.Tensor | None):
+    """NNCF post-training quantization of the convolutions on the calibration images."""
+    import nncf
+
+    if txt_feats is None:
+        raise ModelError("int8 calibrates with the current class embeddings: set the classes before the first "
+                         "detection (set_classes).")
+    items = list(calibration.inputs(txt_feats))
+    if not items:
+        raise ModelError(f"No calibration images in {calibration.source}: give calib=DIR with a few dozen images "
+                         "like the ones you will detect in.")
+    dataset = nncf.Dataset(items, lambda item: {graph.IMAGES: item[0], graph.TEXT: item[1]})
+    level = nncf.nncf_logger.level
+    nncf.set_log_level(logging.WARNING)  # not one INFO line per layer it leaves alone
+    try:
+        return nncf.quantize(model, dataset, subset_size=len(items), preset=nncf.QuantizationPreset.MIXED,
+                             ignored_scope=nncf.IgnoredScope(**_INT8_IGNORED, validate=False))
+    finally:
+        nncf.set_log_level(level)

@@ -1,0 +1,43 @@
+"""Torch backend: ultralytics' fused WorldModel on its device, as ovdet always ran it (fp32, or fp16 on a GPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ovdet.errors import ModelError
+
+
+class TorchBackend:
+    """`WorldModel.predict(batch, txt_feats=...)` with the head's class count set from the embeddings.
+
+    `threads` given sets torch's intra-op threads for the process; otherwise torch's current count is kept."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None):
+        if precision not in ("fp32", "fp16"):
+            raise ModelError(f"The torch backend runs fp32 (or fp16 on a GPU), not {precision}: use backend='openvino' "
+                             "(--backend openvino) for bf16 or int8 on a CPU.")
+        if precision == "fp16" and device.type == "cpu":
+            raise ModelError("fp16 needs a GPU: fp16 convolutions are not supported on CPU; use precision fp32, or "
+                             "bf16 / int8 with --backend openvino.")
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self.model = model
+        self.precision = precision
+        self.device = device
+        self.exports = 0
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def run(self, batch: torch.Tensor, txt_feats: torch.Tensor) -> torch.Tensor:
+        self.model.model[-1].nc = int(txt_feats.shape[1])
+        preds = self.model.predict(batch, txt_feats=txt_feats)
+        return preds[0] if isinstance(preds, (list, tuple)) else preds
+
+    def __repr__(self) -> str:
+        return f"TorchBackend({self.precision}, {self.device}, threads={self.threads})"
