@@ -63,6 +63,14 @@ _MANIFEST_VERSION = 1
 _ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None, "reduced_precision": None}
 
 
+def _backend_words(detector: Any, ray_engine: Any) -> str | None:
+    """"openvino fp32" for the summary line; for the Ray engine what the workers were asked to run."""
+    if ray_engine is not None:
+        return f"{ray_engine.backend} {ray_engine.precision or 'default precision'} on the workers"
+    name, precision = getattr(detector, "backend", None), getattr(detector, "precision", None)
+    return f"{name} {precision}" if isinstance(name, str) and isinstance(precision, str) else None
+
+
 def _reduced_precision(detector: Any, ray_engine: Any) -> str | None:
     """bf16 / int8 when the run's detections come from a reduced-precision model (they differ a little from
     fp32, so a resume must not mix them); None for fp32 and fp16, whose detections agree with fp32 to ~1e-4."""
@@ -84,6 +92,7 @@ class AnnotateSummary:
     detections_per_class: dict[str, int] = field(default_factory=dict)  # by this call
     seconds: float = 0.0
     split: tuple[int, int] | None = None  # (train, val) image counts with --val-split, all runs together
+    backend: str | None = None  # what ran the model, e.g. "openvino fp32" (None: a detector without backends)
 
     @property
     def images_per_second(self) -> float:
@@ -100,7 +109,8 @@ class AnnotateSummary:
             parts.append(f"{len(self.skipped)} skipped (see {Path(self.out) / _ERRORS})")
         split = f" (split: {self.split[0]} train / {self.split[1]} val)" if self.split is not None else ""
         return (
-            f"{'; '.join(parts)} in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s); "
+            f"{'; '.join(parts)} in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s"
+            f"{', ' + self.backend if self.backend else ''}); "
             f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {self.out}{split}"
         )
 
@@ -234,6 +244,7 @@ def annotate_folder(
         images_already_done=already, skipped=run.skipped,
         detections_per_class={n: run.counts.get(i, 0) for i, n in enumerate(names)}, seconds=seconds,
         split=(run.split_counts[0], run.split_counts[1]) if split.active else None,
+        backend=_backend_words(detector, ray_engine),
     )
 
 

@@ -237,7 +237,7 @@ def test_annotate_int8_end_to_end_records_its_precision_for_resume(demo_trio, mo
     args = ["annotate", str(src), "--classes", "red circle,blue square", "--out", str(out), "--model", "demo",
             "--backend", "openvino", "--calib", str(shapes), "--format", "coco"]
     assert main([*args, "--precision", "int8"]) == 0
-    assert "openvino int8" in capsys.readouterr().err
+    assert "openvino int8" in capsys.readouterr().err  # the summary line
     assert json.loads((out / "run.json").read_text())["settings"]["reduced_precision"] == "int8"
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
     assert main([*args, "--precision", "fp32"]) == 2  # detections would differ slightly: not mixed in one run

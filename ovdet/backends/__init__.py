@@ -71,10 +71,10 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
         raise ModelError(f"half={half} contradicts precision={precision!r}: give only one of them.")
     if half and precision is None:
         precision = "fp16"
-    if name == "openvino" and (device == "auto" or device is None):
-        dev = torch.device("cpu")
-    else:
-        dev = select_device(device)
+    dev = select_device(device or "auto")
+    if device in ("auto", None) and name in ("openvino", "onnxruntime") and not (name == "onnxruntime"
+                                                                              and dev.type == "cuda"):
+        dev = torch.device("cpu")  # auto: these run on the CPU (ONNX Runtime on CUDA when there is one)
     if name == "auto":
         if dev.type == "cpu" and _runtime_available("openvino"):
             name, reason = "openvino", "auto: OpenVINO on a CPU"

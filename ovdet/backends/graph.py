@@ -108,12 +108,13 @@ def export_onnx(model: WorldModel, path: str | Path, opset: int = 17) -> Path:
     [batch, 4 + classes, anchors]: per anchor cx, cy, w, h in input pixels, then one sigmoid score per text row.
     Every one of these axes is dynamic."""
     path = Path(path)
-    graph = LiveWorldGraph(_export_copy(model)).eval()
     stride = max(int(model.stride.max()), 32)
     embed = int(model.txt_feats.shape[-1])
-    example = (torch.rand(1, 3, 2 * stride, 3 * stride), torch.nn.functional.normalize(torch.randn(1, 3, embed), dim=-1))
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():  # may be called in inference mode
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: every shape here is traced
+        graph = LiveWorldGraph(_export_copy(model)).eval()
+        example = (torch.rand(1, 3, 2 * stride, 3 * stride),
+                   torch.nn.functional.normalize(torch.randn(1, 3, embed), dim=-1))
         torch.onnx.export(graph, example, str(path), dynamo=False, opset_version=opset,
                           input_names=[IMAGES, TEXT], output_names=[OUTPUT],
                           dynamic_axes={IMAGES: {0: "batch", 2: "height", 3: "width"},

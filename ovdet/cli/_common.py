@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import sys
-
 from ovdet.backends import BACKEND_ENV, BACKENDS, PRECISIONS
 from ovdet.detector import OVDetector
 from ovdet.tiling import TileSpec
@@ -59,14 +57,16 @@ def add_classes_option(parser: argparse.ArgumentParser) -> None:
 
 
 def detector_from_args(args: argparse.Namespace, **overrides) -> OVDetector:
-    """An OVDetector from the parsed model options; says on stderr which backend runs (unless --quiet)."""
+    """An OVDetector from the parsed model options (each command's summary line says which backend ran)."""
     options = dict(text_model=args.text_model, device=args.device, half=args.half, imgsz=args.imgsz, conf=args.conf,
                    iou=args.iou, max_det=args.max_det, trust_weights=args.trust_weights, backend=args.backend,
                    precision=args.precision, calib=args.calib, threads=args.threads)
-    det = OVDetector(args.model, **{**options, **overrides})
-    if not getattr(args, "quiet", False):
-        print(f"ovdet: {det.model_id} on {det.world.describe()}", file=sys.stderr)
-    return det
+    return OVDetector(args.model, **{**options, **overrides})
+
+
+def backend_words(det: OVDetector) -> str:
+    """"openvino fp32": what ran the model, for the commands' summary lines."""
+    return f"{det.backend} {det.precision}"
 
 
 def build_detector(args: argparse.Namespace) -> OVDetector:

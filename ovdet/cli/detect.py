@@ -32,6 +32,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     det = build_detector(args)
     tiling = {"tile": tile_options(args)} if args.tile is not None else {}
+    print(f"ovdet: {det.model_id} on {det.world.describe()}", file=sys.stderr)
     failed = 0
     for path in args.images:
         try:

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_model_options, add_tile_options, detector_from_args, tile_options
+from ovdet.cli._common import (add_model_options, add_tile_options, backend_words, detector_from_args,
+                               tile_options)
 from ovdet.detector import parse_class_names
 from ovdet.errors import DatasetError
 from ovdet.evaluate import evaluate, load_dataset, parse_mapping
@@ -52,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
                       batch=args.batch, progress=not args.quiet, out=args.out, tile=tile_options(args))
     if args.json:
-        print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, **result.to_dict()}))
+        print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, "backend": det.backend,
+                          "precision": det.precision, **result.to_dict()}))
     else:
         print(result.table())
         print(f"mAP50 {result.map50:.3f}  mAP50-95 {result.map50_95:.3f}  ({result.images} images, "
-              f"{result.instances} instances, model {det.model_id})")
+              f"{result.instances} instances, model {det.model_id}, {backend_words(det)})")
         if result.skipped:
             print(f"skipped {len(result.skipped)} unreadable image(s)")
     if args.report:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
+from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, backend_words, build_detector,
+                               tile_options)
 from ovdet.video import process_video
 
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                            **({"tile": tile_options(args)} if args.tile is not None else {}))
     if args.quiet:
         return 0
-    print(f"{report.frames} frames in {report.seconds:.1f} s ({report.fps:.1f} frames/s)")
+    print(f"{report.frames} frames in {report.seconds:.1f} s ({report.fps:.1f} frames/s, {backend_words(det)})")
     for path in (report.out, report.jsonl):
         if path is not None:
             print(f"wrote {path}")

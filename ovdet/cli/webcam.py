@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, build_detector
+from ovdet.cli._common import add_classes_option, add_model_options, backend_words, build_detector
 from ovdet.live import HELP, run_live
 
 
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_live(det, args.source, window=not args.no_window, record=args.record, out_dir=args.out_dir,
                       track=args.track, read_timeout=args.timeout)
     rate = report.frames / report.seconds if report.seconds > 0 else 0.0
-    print(f"{report.frames} frames in {report.seconds:.1f} s ({rate:.1f} frames/s), {report.dropped} dropped")
+    print(f"{report.frames} frames in {report.seconds:.1f} s ({rate:.1f} frames/s, {backend_words(det)}), "
+          f"{report.dropped} dropped")
     for path in report.recordings:
         print(f"recorded {path}")
     return 0
