@@ -155,7 +155,8 @@ class OVDetector:
         spec = tile_spec(tile, overlap=overlap, full_image=full_image, merge=merge)
         if spec is not None:
             return detect_tiled(lambda ims: self.detect_batch(ims, conf=conf, iou=iou, max_det=max_det, imgsz=imgsz),
-                                (tile_source(im) for im in images), spec, max_det=max_det or self.max_det)
+                                (tile_source(im, overview_size=imgsz or self.imgsz) for im in images), spec,
+                                max_det=max_det or self.max_det)
         arrays = [load_image(im) for im in images]
         if not arrays:
             return []

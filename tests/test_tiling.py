@@ -343,3 +343,67 @@ def test_eval_and_annotate_commands_tile(canvas_world, demo, tmp_path, capsys):
     assert main(["detect", image, "--classes", "red circle", "--model", "demo", "--device", "cpu", "--json",
                  "--tile", "160", "--no-full-image"]) == 0
     assert json.loads(capsys.readouterr().out.strip())["image"] == image
+
+
+# ---------------------------------------------------------------- large files, read in strips
+
+@pytest.mark.parametrize("kind", ["png", "tif", "png16-gray", "png-rgba"])
+def test_large_files_are_read_in_strips_with_the_same_pixels(tmp_path, kind):
+    import cv2
+
+    from ovdet.sources import load_image
+    from ovdet.tiling.reader import VipsTiles, tile_source
+
+    pytest.importorskip("pyvips")
+    image = np.random.default_rng(1).integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+    path = tmp_path / f"big.{kind.split('-')[0][:3]}"
+    if kind == "png16-gray":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
+    elif kind == "png-rgba":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
+    assert cv2.imwrite(str(path), image)
+    reference = load_image(path)
+    assert isinstance(tile_source(path), type(tile_source(reference)))  # small files are decoded whole
+    source = tile_source(path, overview_size=160, stream_pixels=0)
+    assert isinstance(source, VipsTiles)
+    grid = tile_grid(1000, 700, 320, 0.2)
+    for tile, (x0, y0, x1, y1) in zip(source.tiles(grid), grid):
+        assert np.array_equal(tile, reference[y0:y1, x0:x1])
+    assert source.rows_read == 700 and source.peak_band_rows == 320  # one row of tiles in memory, not the image
+    overview, scale = source.overview()
+    assert overview.shape == (112, 160, 3) and scale == (6.25, 6.25)
+    shrunk = cv2.resize(reference, (160, 112), interpolation=cv2.INTER_AREA)
+    assert np.abs(overview.astype(int) - shrunk).mean() < 6  # shrunk strip by strip: close to a whole shrink
+
+
+def test_detections_from_a_strip_read_file_equal_those_from_its_pixels(tmp_path):
+    import cv2
+
+    from ovdet.tiling.reader import tile_source
+
+    pytest.importorskip("pyvips")
+    image = np.zeros((500, 700, 3), np.uint8)
+    objects = [[150, 100, 190, 140], [600, 420, 650, 470], [300, 10, 330, 40]]
+    for x0, y0, x1, y1 in objects:
+        image[y0:y1, x0:x1] = 255
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), image)
+
+    def bright_boxes(tiles):  # a "detector" that boxes the white squares it sees in each tile, surer of bigger parts
+        out = []
+        for tile in tiles:
+            n, _, stats, _ = cv2.connectedComponentsWithStats((tile[..., 0] > 127).astype(np.uint8))
+            boxes = [[x, y, x + w, y + h] for x, y, w, h, _ in stats[1:n]]
+            out.append(_dets(np.reshape(boxes, (-1, 4)), [0.5 + a / 1e4 for *_, a in stats[1:n]], [0] * len(boxes)))
+        return out
+
+    spec = TileSpec(size=160, merge="nmm", batch=4, full_image=False)
+    [streamed] = detect_tiled(bright_boxes, [tile_source(path, overview_size=160, stream_pixels=0)], spec)
+    [decoded] = detect_tiled(bright_boxes, [image], spec)
+    assert sorted(streamed.xyxy.tolist()) == sorted(decoded.xyxy.tolist()) == sorted(objects)
+    # the full-image pass sees the overview shrunk from the strips; its boxes come back in full-size pixels
+    full = bright_boxes([tile_source(path, overview_size=160, stream_pixels=0).overview()[0]])[0]
+    [with_full] = detect_tiled(bright_boxes, [tile_source(path, overview_size=160, stream_pixels=0)],
+                               TileSpec(size=160, merge="nms", batch=4))
+    assert len(full) == 3 and len(with_full) == 3
+    assert sv.box_iou_batch(np.array(objects, float), full.xyxy * 700 / 160).max(1).min() > 0.7

@@ -19,14 +19,14 @@ FULL_PASS_PIXELS = 50_000_000  # full-image passes wait for a batch while their 
 
 class TileSource(Protocol):
     """An image that hands out tiles: `width`, `height`, `tiles(grid)` yields the pixels of each grid box in
-    order, and `overview()` the whole image (or a downscaled copy) with its scale to full-size pixels."""
+    order, and `overview()` the whole image (or a downscaled copy) with its (x, y) scale to full-size pixels."""
 
     width: int
     height: int
 
     def tiles(self, grid: np.ndarray) -> Iterator[np.ndarray]: ...
 
-    def overview(self) -> tuple[np.ndarray, float]: ...
+    def overview(self) -> tuple[np.ndarray, tuple[float, float]]: ...
 
 
 class ArrayTiles:
@@ -40,8 +40,8 @@ class ArrayTiles:
         for x0, y0, x1, y1 in grid:
             yield self.image[y0:y1, x0:x1]
 
-    def overview(self) -> tuple[np.ndarray, float]:
-        return self.image, 1.0
+    def overview(self) -> tuple[np.ndarray, tuple[float, float]]:
+        return self.image, (1.0, 1.0)
 
 
 class _Batcher:
@@ -50,13 +50,13 @@ class _Batcher:
 
     def __init__(self, detect: Detect, parts: dict[int, list[sv.Detections]]):
         self.detect, self.parts = detect, parts
-        self.items: list[tuple[int, float, int, int, np.ndarray]] = []
+        self.items: list[tuple[int, tuple[float, float], int, int, np.ndarray]] = []
 
     @property
     def pixels(self) -> int:
         return sum(a.shape[0] * a.shape[1] for *_, a in self.items)
 
-    def add(self, index: int, scale: float, x0: int, y0: int, pixels: np.ndarray) -> None:
+    def add(self, index: int, scale: tuple[float, float], x0: int, y0: int, pixels: np.ndarray) -> None:
         self.items.append((index, scale, int(x0), int(y0), pixels))
 
     def flush(self) -> None:
@@ -67,7 +67,8 @@ class _Batcher:
             raise RuntimeError(f"detect returned {len(results)} results for {len(self.items)} images")
         for (index, scale, x0, y0, _), dets in zip(self.items, results):
             if len(dets):
-                dets.xyxy = (dets.xyxy.astype(np.float64) * scale + (x0, y0, x0, y0)).astype(np.float32)
+                sx, sy = scale
+                dets.xyxy = (dets.xyxy.astype(np.float64) * (sx, sy, sx, sy) + (x0, y0, x0, y0)).astype(np.float32)
                 self.parts[index].append(dets)
         self.items = []
 
@@ -91,7 +92,7 @@ def detect_tiled(detect: Detect, images: Iterable[np.ndarray | TileSource], spec
         shapes.append((source.height, source.width))
         grid = tile_grid(source.width, source.height, spec.size, spec.overlap)
         for box, pixels in zip(grid, source.tiles(grid)):
-            tiles.add(index, 1.0, box[0], box[1], pixels)
+            tiles.add(index, (1.0, 1.0), box[0], box[1], pixels)
             if len(tiles.items) >= spec.batch:
                 tiles.flush()
         whole = len(grid) == 1 and grid[0, 2] == source.width and grid[0, 3] == source.height
