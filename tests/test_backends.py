@@ -164,7 +164,7 @@ def test_auto_picks_openvino_on_cpu_and_says_so(tiny_world_checkpoint, tiny_text
     ({"backend": "torch", "precision": "fp16"}, "needs a GPU"),
     ({"backend": "onnxruntime", "precision": "int8"}, "--backend openvino for bf16 or int8"),
     ({"backend": "openvino", "precision": "fp16"}, "fp32, bf16, int8"),
-    ({"backend": "tensorrt"}, "not implemented yet"),
+    ({"backend": "tensorrt"}, "NVIDIA GPU"),
     ({"backend": "openvino", "device": "cuda"}, "CUDA is not available"),
     ({"backend": "coreml"}, "Unknown backend"),
     ({"precision": "fp8"}, "Unknown precision"),
@@ -265,3 +265,32 @@ def test_reduced_precision_keeps_the_demo_accuracy(demo_trio, module_home, tmp_p
     reduced = evaluate(det, data, conf=0.001, progress=False).map50_95
     assert det.precision == precision and fp32 > 0.8
     assert abs(reduced - fp32) <= 0.02, (precision, reduced, fp32)
+
+
+def _tensorrt_ready() -> bool:
+    from ovdet.backends.tensorrt import available
+
+    return available()
+
+
+@pytest.mark.skipif(not _tensorrt_ready(), reason="needs an NVIDIA GPU with CUDA and the tensorrt package")
+def test_tensorrt_detects_what_torch_does_on_the_gpu(demo_trio, module_home, monkeypatch):
+    """fp32 engines (TensorRT may use TF32 inside: scores within 1e-3) and fp16 (same boxes by IoU) on the demo."""
+    import supervision as sv
+
+    monkeypatch.delenv("OVDET_BACKEND")
+    files = _samples()
+    ref = OVDetector("demo", device="cuda", backend="torch", precision="fp32")
+    auto = OVDetector("demo", device="cuda")
+    assert (auto.backend, auto.precision) == ("tensorrt", "fp16")
+    fp32 = OVDetector("demo", device="cuda", backend="tensorrt", precision="fp32")
+    for det in (ref, auto, fp32):
+        det.set_classes(DEMO_CLASSES)
+    for a, b, c in zip(ref.detect_batch(files, conf=0.2), fp32.detect_batch(files, conf=0.2),
+                       auto.detect_batch(files, conf=0.2)):
+        assert len(a) == len(b) == len(c) > 0
+        np.testing.assert_allclose(a.xyxy, b.xyxy, rtol=0, atol=5e-2)
+        np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-3)
+        assert sv.box_iou_batch(a.xyxy, c.xyxy).max(1).min() > 0.95
+    auto.set_classes("red circle")  # another K: the same engine
+    assert len(auto.detect(files[0], conf=0.2)) >= 0 and auto.world.backend.exports <= 1

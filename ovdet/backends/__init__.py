@@ -44,7 +44,7 @@ def _runtime_available(name: str) -> bool:
     elif name == "onnxruntime":
         from ovdet.backends.onnxruntime_backend import available
     elif name == "tensorrt":
-        from ovdet.backends.tensorrt_backend import available
+        from ovdet.backends.tensorrt import available
     else:
         return True
     return available()
