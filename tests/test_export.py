@@ -39,10 +39,14 @@ def ultralytics_model(path: Path):
 
 def assert_same(result, dets) -> None:
     """Same detections, one to one: each with a box ≤ 1e-2 px and a score ≤ 1e-4 away and the same class (boxes with
-    tied scores may come in either order, so they are paired by an optimal assignment)."""
+    tied scores may come in either order, so they are paired by an optimal assignment). `result`: an ultralytics
+    Results or another sv.Detections."""
     from scipy.optimize import linear_sum_assignment
 
-    boxes, conf, cls = result.boxes.xyxy.numpy(), result.boxes.conf.numpy(), result.boxes.cls.numpy().astype(int)
+    if hasattr(result, "boxes"):
+        boxes, conf, cls = result.boxes.xyxy.numpy(), result.boxes.conf.numpy(), result.boxes.cls.numpy().astype(int)
+    else:
+        boxes, conf, cls = result.xyxy, result.confidence, result.class_id
     assert len(dets) > 0 and len(boxes) == len(dets)
     cost = np.maximum(np.abs(dets.xyxy[:, None] - boxes[None]).max(2) / 1e-2,
                       np.abs(dets.confidence[:, None] - conf[None]) / 1e-4)
@@ -58,7 +62,7 @@ def test_cli_onnx_export_of_the_demo_runs_in_ultralytics_as_ovdet_does(tmp_path,
     image = np.ascontiguousarray(__import__("cv2").imread(str(ROOT / "samples" / "shapes.jpg")))  # square: same letterbox
     result = ultralytics_model(out).predict(image, verbose=False)[0]
     assert result.names == dict(enumerate(SHAPES))  # the class names travel in the file's metadata
-    det = OVDetector("demo", device="cpu")
+    det = OVDetector("demo", device="cpu", backend="torch")
     det.set_classes(SHAPES)
     assert_same(result, det.detect(image))
     assert set(result.names[int(c)] for c in result.boxes.cls) == set(SHAPES)  # the demo finds its shapes
@@ -70,7 +74,7 @@ def test_openvino_dynamic_export_matches_the_torch_path_on_any_shape(tmp_path, f
     result = export_model("demo", "openvino", classes=SHAPES[::-1], out=tmp_path / "demo_openvino_model",
                           dynamic=True)
     assert result.path.is_dir() and (result.path / "metadata.yaml").is_file() and result.classes == SHAPES[::-1]
-    det = OVDetector("demo", device="cpu", conf=0.1)
+    det = OVDetector("demo", device="cpu", conf=0.1, backend="torch")
     det.set_classes(SHAPES[::-1])
     square = cv2.imread(str(ROOT / "samples" / "shapes.jpg"))
     wide = np.hstack([cv2.imread(str(ROOT / "samples" / "shapes" / f"shape_{i}.jpg")) for i in (1, 2)])
@@ -152,7 +156,7 @@ def test_live_onnx_export_runs_in_onnxruntime_with_any_vocabulary(tmp_path, monk
     assert meta["vocabulary"] == "live" and meta["model"].startswith("demo-world@") and meta["imgsz"] == "160"
     assert [i.name for i in session.get_inputs()] == ["images", "txt_feats"]
     image = np.hstack([cv2.imread(str(ROOT / "samples" / "shapes" / f"shape_{i}.jpg")) for i in (1, 2)])
-    det = OVDetector("demo", device="cpu", conf=0.2)
+    det = OVDetector("demo", device="cpu", conf=0.2, backend="torch")
     for vocabulary in (["red circle"], SHAPES):  # K = 1, then K = 3, with the same file
         assert main(["classes", "encode", ",".join(vocabulary), "--model", "demo", "--save", "emb.npy"]) == 0
         ours = foreign_runtime_detect(lambda x, t: session.run(None, {"images": x, "txt_feats": t})[0], image,
@@ -195,7 +199,7 @@ def test_live_engine_export_runs_any_vocabulary_like_torch(tmp_path, precision, 
 
     result = export_model("demo", "engine", out=tmp_path / "live.engine", precision=precision)
     runner = EngineRunner(result.path.read_bytes(), torch.device("cuda"), Profile(imgsz=160))
-    det = OVDetector("demo", device="cpu")
+    det = OVDetector("demo", device="cpu", backend="torch")
     for k, (b, h, w) in ((1, (1, 160, 160)), (9, (3, 96, 224))):
         det.set_classes([f"shape {i}" for i in range(k)])
         images, txt = torch.rand(b, 3, h, w), det.world._txt_feats.float()
@@ -205,3 +209,19 @@ def test_live_engine_export_runs_any_vocabulary_like_torch(tmp_path, precision, 
         assert got.shape == expected.shape
         torch.testing.assert_close(got[:, 4:], expected[:, 4:], atol=atol, rtol=0)
         torch.testing.assert_close(got[:, :4], expected[:, :4], atol=atol * 160, rtol=0)
+
+
+@pytest.mark.skipif(not _tensorrt_ready(), reason="needs an NVIDIA GPU with CUDA and the tensorrt package")
+def test_tensorrt_backend_equals_torch_and_keeps_the_vocabulary_live(tiny_world_checkpoint, tiny_text_encoder):
+    ref = OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu", backend="torch", imgsz=160,
+                     conf=0.1)
+    trt = OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cuda", backend="tensorrt",
+                     precision="fp32", imgsz=160, conf=0.1)
+    images = [scene(160, 160, seed=2), scene(480, 640, seed=3), scene(300, 200, seed=4)]
+    for classes in ([f"thing {i}" for i in range(7)], ["thing 3"], [f"thing {i}" for i in range(80)]):
+        ref.set_classes(classes)
+        trt.set_classes(classes)
+        for expected, got in zip(ref.detect_batch(images[:1]) + [ref.detect(im) for im in images[1:]],
+                                 trt.detect_batch(images[:1]) + [trt.detect(im) for im in images[1:]]):
+            assert_same(got, expected)
+    assert trt.world.backend.exports == 1  # three vocabularies, one engine

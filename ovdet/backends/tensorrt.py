@@ -1,4 +1,5 @@
-"""TensorRT: the live-vocabulary graph built into an engine on the GPU (fp32 or fp16), with dynamic batch/H/W/K."""
+"""TensorRT engines of the live-vocabulary graph (fp32 or fp16, dynamic batch/H/W/K): build and run; the backend that
+caches them is ovdet.backends.tensorrt_backend."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def build_engine(onnx_path: str | Path, precision: str = "fp32", imgsz: int = 64
                          "backend='torch' on this GPU.")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 convolutions round to 10-bit mantissas
     if precision == "fp16":
         if not builder.platform_has_fast_fp16:
             raise ModelError("This GPU has no fast fp16: use precision fp32 with the tensorrt backend.")
@@ -128,3 +131,5 @@ class EngineRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ModelError("TensorRT failed to run the engine: see its log above.")
         return out
+
+
