@@ -131,5 +131,3 @@ class EngineRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ModelError("TensorRT failed to run the engine: see its log above.")
         return out
-
-
