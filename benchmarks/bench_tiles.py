@@ -2,8 +2,9 @@
 
     python benchmarks/bench_tiles.py [--model demo] [--tile 320] [--threads 2] [--runs 3] [--folder 4] [--huge 20000]
 
-Speed: both sides in one process, taking turns (--runs times, medians), so machine load hits them alike. Peak RSS:
-each side alone in its own process, one run. Files are read from disk by each side. Cases:
+Each side runs alone in its own process (its peak RSS is its own; OpenVINO's and torch's thread pools do not
+compete), the sides taking turns --rounds times so load drift hits them alike; speed is the median over all timed
+runs. Files are read from disk by each side. Cases:
 - big: one 8000×6000 PNG of small shapes (ovdet's synth canvas world);
 - folder: N 4000×3000 PNGs (ovdet: one detect_batch over the paths, tiles of consecutive images share batches;
   SAHI: get_sliced_prediction per image);
@@ -82,7 +83,8 @@ def load_ovdet(args: argparse.Namespace):
     from ovdet import OVDetector
     from ovdet.synth import WorldSpec
 
-    det = OVDetector(args.model, device=args.device, conf=0.25, max_det=100_000)
+    det = OVDetector(args.model, device=args.device, conf=0.25, max_det=100_000, backend=args.backend,
+                     threads=args.threads)
     det.set_classes(WorldSpec().names if args.model == "demo" else args.classes.split(","))
     return det
 
@@ -134,8 +136,8 @@ def make_sides(args: argparse.Namespace, files: list[str], tile: int) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Timing (--side both): the sides take turns, `runs` times, medians and boxes reported. Memory (--side X):
-    one run of one side in this process, its peak RSS reported."""
+    """One side (or --side both, taking turns) in this process: `runs` timed runs after a warm-up; seconds, peak
+    RSS and boxes reported."""
     import torch
 
     if args.no_stream:
@@ -177,12 +179,12 @@ def _demo_path() -> str:
 
 def run_worker(args: argparse.Namespace, side: str, case: str, files: Path, tmp: Path, *extra: str) -> dict:
     boxes = tmp / f"{side}-{case}{'-'.join(extra)}"
-    runs = args.runs if side == "both" else 1
+    runs = 1 if case == "huge" else args.runs
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--case", case, "--files", str(files),
            "--boxes", str(boxes), "--model", args.model, "--device", args.device, "--tile", str(args.tile),
            "--huge-tile", str(args.huge_tile), "--overlap", str(args.overlap), "--threads", str(args.threads),
            "--batch", str(args.batch), "--sahi-batch", str(args.sahi_batch), "--classes", args.classes,
-           "--runs", str(runs), *extra]
+           "--runs", str(runs), "--backend", args.backend, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise SystemExit(f"{side} {case} failed:\n{out.stderr[-3000:]}")
@@ -234,13 +236,17 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--classes", default="", help="prompts for a non-demo model, comma-separated")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default="torch,openvino", help="ovdet backends to run, comma-separated (SAHI "
+                        "always runs ultralytics' torch model)")
+    parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--tile", type=int, default=320)
     parser.add_argument("--huge-tile", type=int, default=640)
     parser.add_argument("--overlap", type=float, default=0.2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    parser.add_argument("--threads", type=int, default=1, help="threads of every side (1: robust on a shared machine)")
     parser.add_argument("--batch", type=int, default=16, help="ovdet tiles per forward")
     parser.add_argument("--sahi-batch", type=int, default=1, help="SAHI's batch_size (its default is 1)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per side and case (median); huge: 1")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per process (after a warm-up); huge: 1")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per side and case, taking turns")
     parser.add_argument("--big", default="8000x6000")
     parser.add_argument("--folder", type=int, default=4)
     parser.add_argument("--folder-size", default="4000x3000")
@@ -267,26 +273,36 @@ def main() -> None:
     files = make_world(work / "images", args)
     listing = work / "files.json"
     listing.write_text(json.dumps(files))
-    print(f"model {args.model}, device {args.device}, torch threads {args.threads} on both sides, tile {args.tile} "
+    print(f"model {args.model}, device {args.device}, {args.threads} threads on every side, tile {args.tile} "
           f"(huge: {args.huge_tile}), overlap {args.overlap}, ovdet batch {args.batch}, SAHI batch {args.sahi_batch}")
-    print("| case | side | images/s | seconds (median) | peak RSS MB (over loaded model) | boxes | SAHI boxes matched |")
+    print("| case | side | images/s | vs SAHI | peak RSS MB (over loaded model) | boxes | SAHI boxes matched |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    backends = args.backends.split(",")
     for case in [c for c in cases if c in ("big", "folder")]:
-        timing = run_worker(args, "both", case, listing, work)
-        memory = {side: run_worker(args, side, case, listing, work) for side in ("sahi", "ovdet")}
-        secs, n = timing["seconds"], timing["images"]
-        match = matched(timing["box_arrays"]["sahi"], timing["box_arrays"]["ovdet"])
-        for side, name in (("sahi", "SAHI get_sliced_prediction"), ("ovdet", "ovdet tile=")):
-            m = memory[side]
-            print(f"| {case} ({n}) | {name} | {n / secs[side]:.3f} | {secs[side]:.2f} | {m['peak_rss_mb']:.0f} "
-                  f"({m['peak_rss_mb'] - m['base_rss_mb']:+.0f}) | {timing['boxes'][side]} | "
-                  f"{f'{match:.1%}' if side == 'ovdet' else ''} |")
-        print(f"| {case} | ovdet speed-up | {secs['sahi'] / secs['ovdet']:.2f}× | | | | |", flush=True)
+        results: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):  # sides take turns, each in a fresh process, so load drift hits them alike
+            for side, backend in [("sahi", "torch")] + [("ovdet", b) for b in backends]:
+                args.backend = backend
+                key = "sahi" if side == "sahi" else backend
+                results.setdefault(key, []).append(run_worker(args, side, case, listing, work))
+        reference = results["sahi"][0]["box_arrays"]["sahi"]
+        secs = {k: statistics.median(r["seconds"][s] for r in rs for s in r["seconds"]) for k, rs in results.items()}
+        n = results["sahi"][0]["images"]
+        for key, rs in results.items():
+            r = rs[0]
+            side = "sahi" if key == "sahi" else "ovdet"
+            name = "SAHI get_sliced_prediction (torch)" if key == "sahi" else f"ovdet tile= ({key})"
+            match = "" if key == "sahi" else f"{matched(reference, r['box_arrays']['ovdet']):.1%}"
+            speed = "1.00×" if key == "sahi" else f"{secs['sahi'] / secs[key]:.2f}×"
+            print(f"| {case} ({n}) | {name} | {n / secs[key]:.3f} | {speed} | {r['peak_rss_mb']:.0f} "
+                  f"({r['peak_rss_mb'] - r['base_rss_mb']:+.0f}) | {r['boxes'][side]} | {match} |", flush=True)
+    args.backend = backends[0]
     if "huge" in cases:
         for name, extra in (("strips (libvips)", ()), ("decoded whole", ("--no-stream",))):
             r = run_worker(args, "ovdet", "huge", listing, work, *extra)
             secs = r["seconds"]["ovdet"]
-            print(f"| huge {args.huge}² PNG | ovdet, {name} | {r['images'] / secs:.3f} | {secs:.1f} | "
+            print(f"| huge {args.huge}² PNG | ovdet tile={args.huge_tile} ({args.backend}), {name} | "
+                  f"{r['images'] / secs:.3f} | ({secs:.1f} s) | "
                   f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['base_rss_mb']:+.0f}) | {r['boxes']['ovdet']} | |",
                   flush=True)
     if "map" in cases:

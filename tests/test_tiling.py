@@ -268,6 +268,14 @@ def test_demo_thresholds_and_negatives_act_per_tile_as_without_tiling(demo, canv
         rest = plain[plain.class_id != first]
         assert len(rest) < len(plain) and np.allclose(negative.xyxy, rest.xyxy, atol=1e-3)
         assert [others[c] for c in negative.class_id] == [names[c] for c in rest.class_id]
+        # synonyms: one class scored by two phrasings; its tiles' boxes carry the class name
+        second = (first + 1) % len(names)
+        demo.set_classes([f"{names[first]}|{names[second]}"] + [n for i, n in enumerate(names) if i not in
+                                                                  (first, second)])
+        merged = demo.detect(image, tile=160, conf=0.2)
+        assert names[first] in set(merged.data["class_name"]) and names[second] not in set(merged.data["class_name"])
+        both = plain[np.isin(plain.class_id, [first, second])]
+        assert (merged.class_id == 0).sum() >= len(both) - 1  # the boxes of both phrasings, now one class
     finally:
         demo.set_classes(names)
 

@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.images:
         try:
-            image = load_image(path)
+            # tiled: the path itself, so a huge file is read in strips instead of decoded whole
+            image = None if tiling and not args.save else load_image(path)
+            dets = det.detect(path if image is None else image, **tiling)
         except ImageError as exc:
             failed += 1
             print(f"ovdet: skipped {path}: {exc}", file=sys.stderr)
             continue
-        dets = det.detect(image, **tiling)
         rows = [{"class": str(n), "score": round(float(s), 4), "xyxy": [round(float(v), 1) for v in box]}
                 for n, s, box in zip(dets.data["class_name"], dets.confidence, dets.xyxy)]
         if args.json:

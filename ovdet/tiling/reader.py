@@ -20,12 +20,13 @@ from ovdet.tiling.run import ArrayTiles, TileSource
 # Files with more pixels than this are read in strips of rows (with pyvips), never decoded whole: ~120 MB as BGR.
 STREAM_PIXELS = 40_000_000
 _STREAM_LOADERS = ("pngload", "tiffload", "jpegload", "webpload")
+_PIECE_ROWS = 64
 
 
-def tile_source(image: Any, overview_size: int = 640, stream_pixels: int = STREAM_PIXELS) -> TileSource:
+def tile_source(image: Any, overview_size: int = 640, stream_pixels: int | None = None) -> TileSource:
     """A TileSource for a path, BGR array or PIL image; a TileSource is kept as it is.
 
-    Arrays, PIL images and files up to `stream_pixels` are decoded by load_image's rules. Larger PNG, TIFF, JPEG
+    Arrays, PIL images and files up to `stream_pixels` (default STREAM_PIXELS) are decoded by load_image's rules. Larger PNG, TIFF, JPEG
     and WebP files are read strip by strip with libvips (`pip install "ovdet[large]"`) when it is installed, so
     only the rows of one row of tiles are in memory; its overview for the full-image pass (`overview_size` on the
     long side) is shrunk from the strips as they pass. Without libvips, a file too large for PIL's safety limit
@@ -35,7 +36,7 @@ def tile_source(image: Any, overview_size: int = 640, stream_pixels: int = STREA
         return image
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        streamed = _vips_tiles(path, overview_size, stream_pixels)
+        streamed = _vips_tiles(path, overview_size, STREAM_PIXELS if stream_pixels is None else stream_pixels)
         if streamed is not None:
             return streamed
         if _too_large_for_pil(path):
@@ -95,9 +96,6 @@ class VipsTiles:
             image = image.extract_band(2).bandjoin([image.extract_band(1), image.extract_band(0)])  # RGB -> BGR
         self._image = image
         self.width, self.height = image.width, image.height
-        import pyvips
-
-        self._region = pyvips.Region.new(image)
         self._band = np.zeros((0, self.width, 3), np.uint8)
         self._band_y0 = 0  # image row of self._band[0]
         scale = min(1.0, overview_size / max(self.width, self.height))
@@ -122,8 +120,11 @@ class VipsTiles:
     def _fetch(self, y0: int, y1: int) -> np.ndarray:
         if y0 != self.rows_read:
             raise RuntimeError(f"strip {y0}..{y1} asked for after row {self.rows_read}: rows must be read in order")
-        data = self._region.fetch(0, y0, self.width, y1 - y0)
-        rows = np.frombuffer(data, np.uint8).reshape(y1 - y0, self.width, 3)
+        rows = np.empty((y1 - y0, self.width, 3), np.uint8)
+        for y in range(y0, y1, _PIECE_ROWS):  # small pieces: libvips' buffers stay small (a whole strip at once
+            h = min(_PIECE_ROWS, y1 - y)     # costs several times the strip in its caches)
+            data = self._image.crop(0, y, self.width, h).write_to_memory()
+            rows[y - y0:y - y0 + h] = np.frombuffer(data, np.uint8).reshape(h, self.width, 3)
         self.rows_read = y1
         o0, o1 = math.floor(y0 * self._oh / self.height), math.floor(y1 * self._oh / self.height)
         if y1 == self.height:
