@@ -62,7 +62,7 @@ def make_folder(folder: Path, n: int, height: int, width: int) -> Path:
 
 
 def detector(ckpt: Path, args: argparse.Namespace, imgsz: int) -> OVDetector:
-    det = OVDetector(ckpt, device=args.device, imgsz=imgsz, conf=args.conf)
+    det = OVDetector(ckpt, device=args.device, imgsz=imgsz, conf=args.conf, backend=args.backend)
     det.set_embeddings(NAMES, random_embeddings(len(NAMES)))
     return det
 
@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch",
+                        help="ovdet's backend (torch: the per-call overhead against ultralytics' torch predict; "
+                             "benchmarks/bench_backends.py compares the backends)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per side; the best is reported")
     parser.add_argument("--rss", default="1000,5000", help="folder sizes for the peak-RSS runs ('' to skip)")
     parser.add_argument("--rss-imgsz", type=int, default=160)
@@ -229,7 +232,8 @@ def peak_rss(args: argparse.Namespace, work: Path, sizes: list[int]) -> None:
                 os.symlink(p, folder / p.name)
         cmd = [sys.executable, __file__, "--rss-child", "--rss-ckpt", str(small), "--rss-src", str(folder),
                "--rss-out", str(work / f"rss_out_{n}"), "--rss-imgsz", str(args.rss_imgsz),
-               "--batch", str(args.batch), "--conf", str(args.conf), "--device", args.device]
+               "--batch", str(args.batch), "--conf", str(args.conf), "--device", args.device,
+               "--backend", args.backend]
         child = subprocess.run(cmd, check=True, capture_output=True, text=True)
         res = json.loads(child.stdout.splitlines()[-1])
         print(f"| {res['images']} | {res['peak_rss_mib']:.0f} | {res['img_per_s']:.1f} |")

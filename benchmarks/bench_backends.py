@@ -2,7 +2,7 @@
 on torch, OpenVINO fp32 / bf16 / int8 and ONNX Runtime; detect latency, batch and annotate throughput, set_classes
 warm and cold, first start vs cached start.
 
-    python benchmarks/bench_backends.py [--threads 2] [--runs 10] [--images 40] [--imgsz 640]
+    python benchmarks/bench_backends.py [--threads 2] [--runs 10] [--images 40] [--imgsz 640] [--static-baked]
 
 One process, the same weights on every side (random-init yolov8s-worldv2 with the class bias set so that ~25 boxes
 per image pass conf 0.25, as in bench_annotate.py; speed does not depend on the weights' values), the same 80 class
@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--calib", default=None, help="int8 calibration folder (default: ovdet's default)")
     parser.add_argument("--no-starts", action="store_true", help="skip the first/cached start measurements")
+    parser.add_argument("--static-baked", action="store_true",
+                        help="ultralytics' OpenVINO export static (its default: every image padded to imgsz x imgsz) "
+                             "instead of dynamic")
     parser.add_argument("--workdir", default=None, help="keep generated files here")
     parser.add_argument("--start-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -205,14 +208,17 @@ def run(args, work: Path) -> None:
     embeddings = dets[("torch", "fp32")].world._txt_feats[0].float().cpu()
 
     log("ultralytics sides (and its baked OpenVINO export)")
+    # dynamic: ultralytics then letterboxes 1280x720 to 640x384 as ovdet does (its default static export pads every
+    # image to 640x640, 1.67x the pixels: --static-baked measures that one)
     baked = export_model(ckpt, "openvino", classes=COCO80, out=work / "baked_openvino_model", imgsz=args.imgsz,
-                         text_model=text)
+                         text_model=text, dynamic=not args.static_baked)
+    kind = "static 640x640" if args.static_baked else "dynamic"
     real_core = ov.Core
     uls = {"torch": UltralyticsSide("ultralytics YOLOWorld.predict (torch fp32)", ckpt, COCO80, embeddings, args)}
-    uls["ov-f32"] = UltralyticsSide("ultralytics predict, own OpenVINO export, f32", baked.path, COCO80, None, args,
-                                    ov_f32=True)
-    uls["ov-default"] = UltralyticsSide("ultralytics predict, own OpenVINO export, OpenVINO's default precision "
-                                        "(bf16 on this CPU)", baked.path, COCO80, None, args, ov_f32=False)
+    uls["ov-f32"] = UltralyticsSide(f"ultralytics predict, own OpenVINO export ({kind}), f32", baked.path, COCO80,
+                                    None, args, ov_f32=True)
+    uls["ov-default"] = UltralyticsSide(f"ultralytics predict, own OpenVINO export ({kind}), OpenVINO's default "
+                                        "precision (bf16 on this CPU)", baked.path, COCO80, None, args, ov_f32=False)
     ov.Core = real_core
     assert torch.get_num_threads() == args.threads
 
@@ -239,7 +245,8 @@ def run(args, work: Path) -> None:
     print(f"\nthreads={args.threads} on every side ({os.cpu_count()} CPUs: {' '.join(caps)}), yolov8s-worldv2 "
           f"(random init), 80 classes, 1280x720 images, imgsz {args.imgsz}, batch {args.batch}, median of "
           f"{args.runs} (batches: {max(3, args.runs // 3)}), torch {torch.__version__}, openvino {ov.__version__}\n")
-    print("| side | detect, ms/image | vs ultralytics torch | detect_batch (8), ms/image | vs | annotate, images/s | vs |")
+    print("| side | detect, ms/image | vs ultralytics torch | detect_batch (8), ms/image | vs | annotate, images/s "
+          "| vs |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (name, _, _), s_ms, b_ms in zip(sides, single_ms, batch_ms):
         ips = annotate_ips.get(name)

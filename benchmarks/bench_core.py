@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed images per side (median reported)")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch",
+                        help="ovdet's backend (torch: the per-call overhead against ultralytics' torch predict; "
+                             "benchmarks/bench_backends.py compares the backends)")
     args = parser.parse_args()
     from ultralytics import YOLOWorld
     from ultralytics.utils import NUM_THREADS
@@ -62,7 +65,7 @@ def main() -> None:
         os.environ["OVDET_HOME"] = tmp  # a fresh embedding cache, not the user's
         ckpt = Path(tmp) / "yolov8s-worldv2.pt"
         save_world_checkpoint(random_world_model("yolov8s-worldv2.yaml", seed=0), ckpt)
-        det = OVDetector(ckpt, text_model=text, device=args.device, imgsz=args.imgsz)
+        det = OVDetector(ckpt, text_model=text, device=args.device, imgsz=args.imgsz, backend=args.backend)
 
         t = time.perf_counter()
         det.set_classes(COCO80)

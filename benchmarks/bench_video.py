@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300, help="frames of the generated 720p video")
     parser.add_argument("--imgsz", type=int, default=640, help="inference size, both sides")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--backend", default="torch",
+                        help="ovdet's backend (torch: the per-call overhead against ultralytics' torch predict; "
+                             "benchmarks/bench_backends.py compares the backends)")
     parser.add_argument("--batch", type=int, default=4, help="ovdet video --batch")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all pipelines in turn; report each one's best")
     parser.add_argument("--boxes", type=int, default=20,
@@ -81,7 +84,7 @@ def main() -> None:
         save_world_checkpoint(random_world_model("yolov8s-worldv2.yaml", seed=0), ckpt)
         emb = random_embeddings(len(CLASSES))
 
-        det = OVDetector(ckpt, device=args.device, imgsz=args.imgsz)
+        det = OVDetector(ckpt, device=args.device, imgsz=args.imgsz, backend=args.backend)
         det.set_embeddings(CLASSES, emb)
         yolo = YOLOWorld(str(ckpt))
         yolo.model.txt_feats = emb[None].clone()

@@ -59,7 +59,7 @@ def test_cli_onnx_export_of_the_demo_runs_in_ultralytics_as_ovdet_does(tmp_path,
     out = tmp_path / "demo-shapes.onnx"
     assert main(["export", "demo", "--format", "onnx", "--classes", ",".join(SHAPES), "--out", str(out)]) == 0
     assert f"exported {out} (onnx, fp32, imgsz 160, 3 classes baked in)" in capsys.readouterr().out
-    image = np.ascontiguousarray(__import__("cv2").imread(str(ROOT / "samples" / "shapes.jpg")))  # square: same letterbox
+    image = __import__("cv2").imread(str(ROOT / "samples" / "shapes.jpg"))  # square: the same letterbox on both sides
     result = ultralytics_model(out).predict(image, verbose=False)[0]
     assert result.names == dict(enumerate(SHAPES))  # the class names travel in the file's metadata
     det = OVDetector("demo", device="cpu", backend="torch")
