@@ -75,7 +75,10 @@ def build_engine(onnx_path: str | Path, precision: str = "fp32", imgsz: int = 64
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 convolutions round to 10-bit mantissas
     if precision == "fp16":
-        if not builder.platform_has_fast_fp16:
+        if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 dropped weak typing (ovdet[tensorrt] asks for 10.x)
+            raise ModelError(f"TensorRT {trt.__version__} builds fp16 only from strongly typed graphs: install "
+                             'TensorRT 10 (pip install "tensorrt>=10,<11"), or use precision fp32.')
+        if not getattr(builder, "platform_has_fast_fp16", True):
             raise ModelError("This GPU has no fast fp16: use precision fp32 with the tensorrt backend.")
         config.set_flag(trt.BuilderFlag.FP16)
     shapes = builder.create_optimization_profile()
