@@ -14,7 +14,7 @@ from ovdet.tiling.merge import merge_detections
 # detect(list of BGR arrays) -> one sv.Detections per array, from one forward pass (OVDetector.detect_batch)
 Detect = Callable[[list[np.ndarray]], list[sv.Detections]]
 
-FULL_PASS_PIXELS = 50_000_000  # full-image passes wait for a batch while their queued images are smaller than this
+FULL_PASS_PIXELS = 16_000_000  # full-image passes wait for a batch while their queued images hold fewer pixels
 
 
 class TileSource(Protocol):
