@@ -259,7 +259,9 @@ def _run_local(run: "_Run", src: Path, done: set[str], detector: Any, detect_kwa
     pending = (f for f in iter_image_files(src, recursive=recursive) if f.relative_to(src).as_posix() not in done)
     chunk: list[LoadedImage] = []
     with progress(total=found, initial=already, unit="img", desc="annotate", quiet=quiet) as bar:
-        for item in prefetch_images(pending, workers=workers, ahead=max(2 * batch, 8)):
+        # tiled images are large and their tiles batch by themselves: decode only two batches of images ahead
+        ahead = 2 * batch if detect_kwargs.get("tile") is not None else max(2 * batch, 8)
+        for item in prefetch_images(pending, workers=workers, ahead=ahead):
             if item.error is not None:
                 run.record_error(item, src)
                 bar.update(1)
