@@ -113,6 +113,26 @@ def _shape_polygon(rng: np.random.Generator, shape: str, cx: float, cy: float, r
     return np.stack([cx + radius * np.cos(theta), cy - radius * np.sin(theta)], axis=1)
 
 
+def _place_shape(rng: np.random.Generator, shape: str, cx: float, cy: float,
+                 r: float) -> tuple[tuple, np.ndarray]:
+    """A shape of radius r at (cx, cy): what to draw (a circle's centre and radius, or a polygon) and its box, the
+    pixel edges of what is filled."""
+    if shape == "circle":
+        centre, radius = (int(round(cx)), int(round(cy))), int(round(r))
+        box = np.array([centre[0] - radius, centre[1] - radius, centre[0] + radius + 1, centre[1] + radius + 1])
+        return ("circle", centre, radius), box
+    pts = np.round(_shape_polygon(rng, shape, cx, cy, r)).astype(np.int32)
+    return ("polygon", pts), np.concatenate([pts.min(0), pts.max(0) + 1])
+
+
+def _draw_shape(img: np.ndarray, shape: tuple, colour: tuple[int, int, int]) -> None:
+    """Fill a shape placed by _place_shape, anti-aliased."""
+    if shape[0] == "circle":
+        cv2.circle(img, shape[1], shape[2], colour, -1, cv2.LINE_AA)
+    else:
+        cv2.fillPoly(img, [shape[1]], colour, cv2.LINE_AA)
+
+
 def _overlap(box: np.ndarray, boxes: list[np.ndarray]) -> float:
     """Largest fraction of the smaller box that `box` shares with any of `boxes`."""
     worst = 0.0
@@ -168,19 +188,11 @@ def render(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.nd
         r = rng.uniform(*spec.size) * s / 2
         cx, cy = rng.uniform(0, s, size=2)
         ci, si = int(rng.integers(len(spec.colours))), int(rng.integers(len(spec.shapes)))
-        if spec.shapes[si] == "circle":
-            centre, radius = (int(round(cx)), int(round(cy))), int(round(r))
-            box = np.array([centre[0] - radius, centre[1] - radius, centre[0] + radius + 1, centre[1] + radius + 1])
-        else:
-            pts = np.round(_shape_polygon(rng, spec.shapes[si], cx, cy, r)).astype(np.int32)
-            box = np.concatenate([pts.min(0), pts.max(0) + 1])  # pixel edges of the filled vertices
+        shape, box = _place_shape(rng, spec.shapes[si], cx, cy, r)
         if box[0] < 0 or box[1] < 0 or box[2] > s or box[3] > s or _overlap(box, boxes) > spec.max_overlap:
             continue
         colour = _jitter(rng, PALETTE[spec.colours[ci]], 15)
-        if spec.shapes[si] == "circle":
-            cv2.circle(img, centre, radius, colour, -1, cv2.LINE_AA)
-        else:
-            cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+        _draw_shape(img, shape, colour)
         boxes.append(box)
         class_ids.append(ci * len(spec.shapes) + si)
     noise = rng.normal(0, rng.uniform(3, 12), size=img.shape)
@@ -229,12 +241,7 @@ def render_canvas(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray
         r = rng.uniform(lo, hi) / 2
         cx, cy = rng.uniform((0, 0), (width, height))
         ci, si = int(rng.integers(len(spec.colours))), int(rng.integers(len(spec.shapes)))
-        if spec.shapes[si] == "circle":
-            centre, radius = (int(round(cx)), int(round(cy))), int(round(r))
-            box = np.array([centre[0] - radius, centre[1] - radius, centre[0] + radius + 1, centre[1] + radius + 1])
-        else:
-            pts = np.round(_shape_polygon(rng, spec.shapes[si], cx, cy, r)).astype(np.int32)
-            box = np.concatenate([pts.min(0), pts.max(0) + 1])
+        shape, box = _place_shape(rng, spec.shapes[si], cx, cy, r)
         if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
             continue
         if len(boxes):
@@ -245,10 +252,7 @@ def render_canvas(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray
             if (np.clip(iw, 0, None) * np.clip(ih, 0, None) / smaller).max() > spec.max_overlap:
                 continue
         colour = _jitter(rng, PALETTE[spec.colours[ci]], 15)
-        if spec.shapes[si] == "circle":
-            cv2.circle(img, centre, radius, colour, -1, cv2.LINE_AA)
-        else:
-            cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+        _draw_shape(img, shape, colour)
         boxes = np.concatenate([boxes, box[None]])
         class_ids.append(ci * len(spec.shapes) + si)
     sigma = rng.uniform(3, 12)
