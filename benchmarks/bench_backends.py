@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_annotate import world_checkpoint  # noqa: E402
-from bench_core import COCO80  # noqa: E402
+from bench_core import COCO80, interleaved_median_ms  # noqa: E402
 from conftest import random_embeddings, scene  # noqa: E402
 
 OVDET_SIDES = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
@@ -110,17 +110,6 @@ def ovdet_detector(ckpt: Path, backend: str, precision: str, args, text=None):
 
     return OVDetector(ckpt, text_model=text, device="cpu", imgsz=args.imgsz, backend=backend, precision=precision,
                       threads=args.threads, calib=args.calib)
-
-
-def interleaved(fns: list, runs: int) -> list[float]:
-    """Median ms of each function, called in turn `runs` times."""
-    times = [[] for _ in fns]
-    for i in range(runs):
-        for fn, bucket in zip(fns, times):
-            t = time.perf_counter()
-            fn(i)
-            bucket.append((time.perf_counter() - t) * 1000)
-    return [statistics.median(b) for b in times]
 
 
 def start_child(args) -> None:
@@ -229,10 +218,10 @@ def run(args, work: Path) -> None:
     for _, single, _ in sides:  # warm-up
         single(images[0])
     log("timing single images")
-    single_ms = interleaved([lambda i, f=f: f(images[i % len(images)]) for _, f, _ in sides], args.runs)
+    single_ms = interleaved_median_ms([lambda i, f=f: f(images[i % len(images)]) for _, f, _ in sides], args.runs)
     log("timing batches")
     batch = images[:args.batch]
-    batch_ms = [t / args.batch for t in interleaved([lambda i, f=f: f(batch) for _, _, f in sides],
+    batch_ms = [t / args.batch for t in interleaved_median_ms([lambda i, f=f: f(batch) for _, _, f in sides],
                                                     max(3, args.runs // 3))]
     annotate_ips = annotate_all(args, work, uls, dets) if args.images else {}
 
