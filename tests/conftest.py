@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,26 @@ def _no_network(monkeypatch):
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory):
+    """The same isolation for module- and session-scoped fixtures, which are set up before function-scoped ones:
+    without it they would run on the default backend and read and write the user's real ~/.cache/ovdet. Fails the
+    session if anything in the real ovdet home changed while the tests ran."""
+    real = Path(os.environ.get("OVDET_HOME") or Path.home() / ".cache" / "ovdet")
+    before = _tree_state(real)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OVDET_HOME", str(tmp_path_factory.mktemp("ovdet_session_home")))
+        mp.setenv("OVDET_OFFLINE", "1")
+        mp.setenv("OVDET_BACKEND", "torch")
+        yield
+    assert _tree_state(real) == before, f"the tests changed files in the real ovdet home {real}"
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under root; {} when it does not exist."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")} if root.is_dir() else {}
 
 
 @pytest.fixture(autouse=True)
@@ -121,3 +144,33 @@ def tiny_detector(tiny_world_checkpoint, tiny_text_encoder):
     from ovdet import OVDetector
 
     return OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu", imgsz=160)
+
+
+# Results compared across processes, batch make-up or model builds agree to these tolerances, not bit for bit: the
+# journal rounds boxes to 0.01 px and scores to 1e-5, so a difference of 1e-7 in the float can move the last digit.
+CROSS_RUN_TOLERANCE = {"score": 1e-4, "bbox": 0.02, "area": 0.5, "text": 2e-5, "voc": 1.0}
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def assert_close_data(got, want, tol: dict[str, float] = CROSS_RUN_TOLERANCE, where: str = "$", key: str = "") -> None:
+    """JSON-like data equal in structure, strings and ints; a float under key K within tol[K] (0 for other keys)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for k in want:
+            assert_close_data(got[k], want[k], tol, f"{where}.{k}", k)
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), f"{where}: {got!r} != {want!r}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close_data(g, w, tol, f"{where}[{i}]", key)
+    elif isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, (int, float)) and abs(got - want) <= tol.get(key, 0.0), \
+            f"{where}: {got!r} != {want!r} (tolerance {tol.get(key, 0.0)})"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def assert_close_text(got: str, want: str, tol: float) -> None:
+    """Two label files equal word for word, their numbers within `tol`."""
+    assert _NUMBER.sub("#", got) == _NUMBER.sub("#", want), f"{got!r} != {want!r}"
+    for g, w in zip(_NUMBER.findall(got), _NUMBER.findall(want)):
+        assert abs(float(g) - float(w)) <= tol, f"{g} != {w} (tolerance {tol}) in\n{got}"

@@ -17,7 +17,7 @@ import cv2
 import pytest
 import torch
 
-from conftest import scene
+from conftest import CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, scene
 from ovdet import OVDetector, annotate_folder
 from ovdet.cli import main
 from ovdet.distributed import RayEngine
@@ -125,18 +125,22 @@ def coco_by_file(out: Path) -> dict[str, list]:
     files = {im["id"]: im["file_name"] for im in coco["images"]}
     out_: dict[str, list] = {name: [] for name in files.values()}
     for a in coco["annotations"]:
-        out_[files[a["image_id"]]].append((a["category_id"], a["bbox"], a["score"]))
+        out_[files[a["image_id"]]].append({k: a[k] for k in ("category_id", "bbox", "score")})
     return out_
 
 
 def assert_same_outputs(out: Path, ref: Path) -> None:
-    """Same records, errors, COCO content and per-image YOLO / VOC files as the local engine."""
-    assert records(out) == records(ref)
+    """The local engine's records, errors, COCO content and per-image YOLO / VOC files, up to the stated cross-run
+    tolerances (other processes, other batch make-up: the same sums, not always the same last bit)."""
+    assert_close_data(records(out), records(ref))
     assert records(out, "errors.jsonl") == records(ref, "errors.jsonl")
-    assert coco_by_file(out) == coco_by_file(ref)
-    for sub in ("yolo/labels", "voc/Annotations"):
+    assert_close_data(coco_by_file(out), coco_by_file(ref))
+    for sub, tol in (("yolo/labels", CROSS_RUN_TOLERANCE["text"]), ("voc/Annotations", CROSS_RUN_TOLERANCE["voc"])):
         ours = {p.name: p.read_text() for p in (out / sub).iterdir()}
-        assert ours == {p.name: p.read_text() for p in (ref / sub).iterdir()}
+        theirs = {p.name: p.read_text() for p in (ref / sub).iterdir()}
+        assert set(ours) == set(theirs)
+        for name in ours:
+            assert_close_text(ours[name], theirs[name], tol)
     for sub in ("yolo/images", "voc/JPEGImages"):
         assert {p.name: os.readlink(p) for p in (out / sub).iterdir()} == \
                {p.name: os.readlink(p) for p in (ref / sub).iterdir()}
@@ -257,13 +261,14 @@ def test_file_uri_and_s3_sources(cluster, s3_server, images, demo, reference, tm
     ref, got = records(reference), records(out)
     assert set(got) == set(ref)
     for image, rec in got.items():
-        assert rec["detections"] == ref[image]["detections"] and rec["key"] == ref[image]["key"]
+        assert_close_data(rec["detections"], ref[image]["detections"])
+        assert rec["key"] == ref[image]["key"]
         assert rec["path"] == str((out / "originals" / image).resolve())  # the dataset holds its own copies
         assert Path(rec["path"]).read_bytes() == (images / image).read_bytes()
     errors = records(out, "errors.jsonl")
     assert errors["bad.jpg"]["path"] == "s3://photos/batch1/bad.jpg"
     assert set(errors) == {"bad.jpg", "sub/empty.png"}
-    assert coco_by_file(out) == coco_by_file(reference)
+    assert_close_data(coco_by_file(out), coco_by_file(reference))
     link = out / "yolo" / "images" / f"{got['i01.jpg']['key']}.jpg"
     assert link.resolve() == (out / "originals" / "i01.jpg").resolve() and link.read_bytes()
     assert json.loads((out / "run.json").read_text())["settings"]["source"] == "s3://photos/batch1"
