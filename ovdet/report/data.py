@@ -33,6 +33,13 @@ def _url(target: str | os.PathLike, start: Path) -> str:
     return quote(Path(os.path.relpath(os.path.abspath(target), start.resolve())).as_posix())
 
 
+def _skipped(record: Any) -> dict[str, str]:
+    """An errors.jsonl record as the page lists it: two strings, whatever another program wrote on the line."""
+    if not isinstance(record, dict):
+        return {"image": "?", "reason": str(record)}
+    return {"image": str(record.get("image", record.get("path", "?"))), "reason": str(record.get("reason", ""))}
+
+
 def build_data(run: RunFolder, thumbs: Path | None, thumb_errors: dict[str, str]) -> dict[str, Any]:
     """The report document of `run`; `thumbs` is the thumbnail folder (None: the full images are shown)."""
     is_eval = run.kind == "eval"
@@ -82,8 +89,7 @@ def build_data(run: RunFolder, thumbs: Path | None, thumb_errors: dict[str, str]
         "classes": [{"name": n, "floor": f, "start": s, "color": palette.by_idx(i).as_hex()}
                     for i, (n, f, s) in enumerate(zip(run.names, run.floors, start))],
         "images": images,
-        "errors": [{"image": e.get("image", e.get("path", "?")), "reason": e.get("reason", "")}
-                   for e in run.errors()],
+        "errors": [_skipped(e) for e in run.errors()],
         "thumb_errors": thumb_errors,
     }
     if run.kind == "relabel":

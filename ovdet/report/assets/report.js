@@ -1,4 +1,8 @@
 // ovdet report: draws the run's boxes from the embedded JSON at the thresholds the sliders set. No network.
+// Every string of the JSON comes from files (run.json, the journal, errors.jsonl) and goes into the page as text:
+// elements are built with createElement and filled with textContent, never from HTML strings (innerHTML and the
+// like). The page's Content-Security-Policy refuses inline style attributes and, with Trusted Types, makes any
+// string written to innerHTML throw; styles are set through element.style (the CSSOM), which it allows.
 (() => {
   "use strict";
   const started = performance.now();
@@ -11,7 +15,10 @@
 
   function el(tag, attrs, text) {
     const e = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "style") e.style.cssText = v;
+      else e.setAttribute(k, v);
+    }
     if (text !== undefined) e.textContent = text;
     return e;
   }
@@ -21,6 +28,8 @@
     return e;
   }
   const fmt = (v) => String(+(+v).toFixed(3));
+  const fixed3 = (v) => (+v || 0).toFixed(3);
+  const shown = (v) => (Array.isArray(v) ? v.join(", ") : v !== null && typeof v === "object" ? JSON.stringify(v) : String(v));
   const kept = (d) => d[1] > thr[d[0]];
   const shellQuote = (s) => (/^[\w@%+=:,./-]+$/.test(s) ? s : "'" + s.replace(/'/g, "'\\''") + "'");
 
@@ -54,22 +63,20 @@
   // ------------------------------------------------------------------ header, settings, skipped files
   function renderHeader() {
     const kept = stats.reduce((a, s) => a + s.kept, 0);
-    const parts = [`<b>${IMGS.length}</b> images`, `<b>${D.errors.length}</b> skipped`,
-      `<b id="kept-total">${kept}</b> of ${totalBoxes} boxes above the thresholds`,
-      `${D.kind} run <code></code>`, `made ${D.generated}`];
-    $("summary").innerHTML = parts.join(" · ");
-    $("summary").querySelector("code").textContent = D.run;
+    $("summary").replaceChildren(el("b", {}, IMGS.length), " images · ", el("b", {}, D.errors.length), " skipped · ",
+      el("b", { id: "kept-total" }, kept), ` of ${totalBoxes} boxes above the thresholds · ${D.kind} run `,
+      el("code", {}, D.run), ` · made ${D.generated}`);
   }
   function renderSettings() {
     const t = $("settings");
     for (const [k, v] of Object.entries(D.settings)) {
       const tr = el("tr");
-      tr.append(el("th", {}, k), el("td", {}, Array.isArray(v) ? v.join(", ") : String(v)));
+      tr.append(el("th", {}, k), el("td", {}, shown(v)));
       t.append(tr);
     }
     if (D.relabel) {
       const tr = el("tr");
-      tr.append(el("th", {}, "relabelled from"), el("td", {}, D.relabel.from || ""));
+      tr.append(el("th", {}, "relabelled from"), el("td", {}, shown(D.relabel.from || "")));
       t.append(tr);
     }
     $("errors-title").textContent = `Skipped files (${D.errors.length})`;
@@ -124,7 +131,7 @@
     const rows = $("classes").querySelectorAll("tr[data-class]");
     rows.forEach((tr) => {
       const i = +tr.dataset.class, s = stats[i], cells = tr.children;
-      cells[2].innerHTML = `<span class="thr">${fmt(thr[i])}</span>`;
+      cells[2].replaceChildren(el("span", { class: "thr" }, fmt(thr[i])));
       cells[3].textContent = `${s.kept} / ${scores[i].length}`;
       cells[3].dataset.kept = s.kept;
       cells[4].replaceChildren(histogram(i));
@@ -161,7 +168,7 @@
     if (!EVAL) return;
     $("eval-section").hidden = false;
     const E = D.eval, R = E.result || {};
-    $("eval-summary").textContent = `mAP50 ${(+R.map50 || 0).toFixed(3)} · mAP50-95 ${(+R.map50_95 || 0).toFixed(3)} · ` +
+    $("eval-summary").textContent = `mAP50 ${fixed3(R.map50)} · mAP50-95 ${fixed3(R.map50_95)} · ` +
       `${R.images || IMGS.length} images · ${R.instances || 0} objects`;
     const ap = $("ap-table");
     const head = el("tr");
@@ -169,8 +176,8 @@
     ap.append(head);
     for (const c of R.classes || []) {
       const tr = el("tr");
-      tr.append(el("td", {}, c.name), el("td", { class: "num" }, c.instances), el("td", { class: "num" }, c.ap50.toFixed(3)),
-        el("td", { class: "num" }, c.ap50_95.toFixed(3)));
+      tr.append(el("td", {}, shown(c.name)), el("td", { class: "num" }, shown(c.instances)),
+        el("td", { class: "num" }, fixed3(c.ap50)), el("td", { class: "num" }, fixed3(c.ap50_95)));
       ap.append(tr);
     }
     $("confusion-note").textContent = "Rows: ground truth, columns: predictions, at the thresholds the report " +
@@ -235,10 +242,14 @@
     s.addEventListener("change", () => { S.sort = s.value; S.page = 0; schedule(); });
     $("page-size").addEventListener("change", () => { S.size = +$("page-size").value; S.page = 0; schedule(); });
     const legend = $("legend");
-    if (EVAL) legend.innerHTML = '<span class="legend-item"><svg width="18" height="10"><rect x="1" y="1" width="16" height="8" ' +
-      'fill="none" stroke="#16a34a" stroke-width="2" stroke-dasharray="5 3"/></svg>ground truth</span>' +
-      '<span class="legend-item"><svg width="18" height="10"><rect x="1" y="1" width="16" height="8" fill="none" ' +
-      'stroke="#e11d48" stroke-width="2"/></svg>prediction</span>';
+    if (EVAL) for (const [label, dash, stroke] of [["ground truth", "5 3", "#16a34a"], ["prediction", "none", "#e11d48"]]) {
+      const key = svg("svg", { width: 18, height: 10 });
+      key.append(svg("rect", { x: 1, y: 1, width: 16, height: 8, fill: "none", stroke, "stroke-width": 2,
+        "stroke-dasharray": dash }));
+      const item = el("span", { class: "legend-item" });
+      item.append(key, document.createTextNode(label));
+      legend.append(item);
+    }
     else for (const c of C) {
       const item = el("span", { class: "legend-item" });
       item.append(el("span", { class: "swatch", style: `background:${c.color}` }), document.createTextNode(c.name));
