@@ -1,165 +1,109 @@
-"""Read detector checkpoints without running code from the file: one allowlist, a restricted unpickler.
+"""Read detector checkpoints without running code from the file: one zip reader, one allowlist, no torch.load.
 
-A `.pt` file is a pickle, and unpickling may call any function the file names (`os.system`, ...). ovdet reads
-checkpoints with `torch.load` and a pickle module whose unpickler resolves only the globals in `ALLOWED_GLOBALS`:
-what YOLO-World checkpoints (v1/v2, s/m/l/x, ultralytics' trainer layout, `ovdet train` output) hold, nothing else.
-Allowed classes are restored the way a pickle restores any object (a bare instance, then its saved attributes):
-their constructors never run, so a file cannot call e.g. `WorldModel("https://...yaml")`, which builds from a
-downloaded config. `torch.load(weights_only=True)` + `add_safe_globals` would let a file call allowed classes with
-arguments of its choosing, and that allowlist is process-global state other libraries add to.
-`trust=True` is plain `torch.load(weights_only=False)`: it runs code from the file, only for files you trust.
+A `.pt` file is a zip whose data.pkl is a pickle, and unpickling may call any function the file names (`os.system`,
+...). `torch.load` also decides by itself what a zip is: a TorchScript archive goes to torch.jit.load, which runs the
+program inside. So without trust ovdet never calls torch.load: ovdet.torchzip opens the archive with PyTorch's own zip
+reader after proving that Python's zipfile sees the same entries and that it cannot expand past a bound, refuses
+TorchScript, and ovdet.safepickle unpickles data.pkl from those bytes with only `ALLOWED_GLOBALS` (what YOLO-World
+checkpoints hold) and the tensors from the same archive's records. `trust=True` is plain
+`torch.load(weights_only=False)`: it runs code from the file, only for files you trust.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import io
 import json
 import logging
 import os
-import pickle
-import pickletools
-import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ovdet.errors import WeightsCorruptError, WeightsUnsafeError
+from ovdet.modelconfig import _LITERAL, check_model_config
+from ovdet.safepickle import ALLOWED_GLOBALS, Refused, scan_globals, unpickle_checkpoint
+from ovdet.torchzip import TorchArchive, open_archive
+
+__all__ = ["ALLOWED_GLOBALS", "TEXT_ENCODER_KEY", "TRUST_HINT", "identify_weights", "load_checkpoint",
+           "pickle_globals", "world_model_of"]
 
 TEXT_ENCODER_KEY = "ovdet_text_encoder"  # checkpoint key under which ovdet-trained models carry their text tower
 PAIR_FORMAT = "ovdet-yolo-world/1"  # the "format" field of the .json beside a converted .safetensors
-
-# Every global a YOLO-World checkpoint's pickle names, as the file spells it. Derived from real checkpoints built
-# from every YOLO-World config and from `ovdet train` output; tests/test_checkpoint.py re-derives it and checks
-# that it is complete and minimal. Storage types are resolved by torch itself, before this list is consulted.
-ALLOWED_GLOBALS: frozenset[str] = frozenset({
-    # containers and tensors (torch's own rebuild functions)
-    "__builtin__.set", "collections.OrderedDict", "torch.Size",
-    "torch._utils._rebuild_parameter", "torch._utils._rebuild_tensor_v2",
-    "torch.FloatStorage", "torch.HalfStorage", "torch.LongStorage",
-    # torch layers of YOLO-World v1 and v2
-    "torch.nn.modules.activation.SiLU", "torch.nn.modules.batchnorm.BatchNorm2d",
-    "torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential",
-    "torch.nn.modules.conv.Conv2d", "torch.nn.modules.linear.Identity", "torch.nn.modules.linear.Linear",
-    "torch.nn.modules.normalization.LayerNorm", "torch.nn.modules.pooling.AdaptiveMaxPool2d",
-    "torch.nn.modules.pooling.MaxPool2d", "torch.nn.modules.upsampling.Upsample",
-    # ultralytics layers and the model
-    "ultralytics.nn.modules.block.BNContrastiveHead", "ultralytics.nn.modules.block.Bottleneck",
-    "ultralytics.nn.modules.block.C2f", "ultralytics.nn.modules.block.C2fAttn",
-    "ultralytics.nn.modules.block.ContrastiveHead", "ultralytics.nn.modules.block.DFL",
-    "ultralytics.nn.modules.block.ImagePoolingAttn", "ultralytics.nn.modules.block.MaxSigmoidAttnBlock",
-    "ultralytics.nn.modules.block.SPPF", "ultralytics.nn.modules.conv.Concat", "ultralytics.nn.modules.conv.Conv",
-    "ultralytics.nn.modules.head.WorldDetect", "ultralytics.nn.tasks.WorldModel",
-    # the training arguments ultralytics' trainer attaches to the model (model.args)
-    "ultralytics.utils.IterableSimpleNamespace",
-})
-# Functions the unpickler may call (with arguments from the file): torch's tensor rebuilders and containers.
-_CALLABLE = frozenset({"__builtin__.set", "collections.OrderedDict", "torch.Size", "torch._utils._rebuild_parameter",
-                       "torch._utils._rebuild_tensor_v2"})
-_MODULE_ALIASES = {"__builtin__": "builtins"}  # Python 2 names that protocol-2 pickles use
 
 TRUST_HINT = ("If you trust this file and where it came from, pass --trust-weights (CLI) or trust_weights=True "
               "(Python): that runs code from the file, only for files you trust.")
 
 
-def _resolve(full_name: str) -> Any:
-    module, _, name = full_name.rpartition(".")
-    return getattr(importlib.import_module(_MODULE_ALIASES.get(module, module)), name)
+class _opened:
+    """`with _opened(path_or_file) as archive`: the archive checked and opened by ovdet.torchzip."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __enter__(self) -> TorchArchive:
+        if hasattr(self.source, "read"):
+            self.file, self.close = self.source, False
+            return open_archive(self.file, getattr(self.source, "name", "<file object>"))
+        path = Path(self.source)
+        try:
+            self.file, self.close = open(path, "rb"), True
+        except OSError as exc:
+            raise WeightsCorruptError(f"{path} cannot be read ({exc.strerror or exc}). Check the path and its "
+                                      "permissions.") from exc
+        try:
+            return open_archive(self.file, path)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.close:
+            self.file.close()
 
 
-@functools.lru_cache(maxsize=None)
-def _bare(cls: type) -> type:
-    """A stand-in for `cls` that the unpickler may 'call' or instantiate: it returns `cls.__new__(cls)`, never
-    running `cls.__init__`; the pickle's BUILD step then restores the saved attributes, as for any object."""
-
-    def __new__(_standin, *args: Any, **kwargs: Any) -> Any:
-        return cls.__new__(cls)
-
-    return type(f"Bare{cls.__name__}", (), {"__new__": __new__, "__module__": __name__})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only ALLOWED_GLOBALS; anything else raises WeightsUnsafeError naming it."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        full_name = f"{module}.{name}"
-        if full_name not in ALLOWED_GLOBALS:
-            raise _Refused(full_name)
-        obj = _resolve(full_name)
-        return obj if full_name in _CALLABLE or not isinstance(obj, type) else _bare(obj)
-
-
-class _Refused(pickle.UnpicklingError):
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
-
-
-class _RestrictedPickle:
-    """The `pickle_module` handed to torch.load: the restricted unpickler, and `load` for legacy files."""
-
-    Unpickler = _RestrictedUnpickler
-    UnpicklingError = pickle.UnpicklingError
-    __name__ = "ovdet.checkpoint._RestrictedPickle"
-
-    @staticmethod
-    def load(file: Any, **kwargs: Any) -> Any:
-        return _RestrictedUnpickler(file, **kwargs).load()
-
-
-def pickle_globals(path: str | Path) -> set[str]:
+def pickle_globals(path: Any) -> set[str]:
     """Every global (module.name) the pickles inside a torch zip checkpoint name, read without unpickling."""
-    found = set()
-    with zipfile.ZipFile(path) as archive:
-        for entry in archive.namelist():
-            if not entry.endswith(".pkl"):
-                continue
-            for opcode, arg, _ in pickletools.genops(io.BytesIO(archive.read(entry))):
-                if opcode.name in ("GLOBAL", "INST"):
-                    found.add(str(arg).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL":
-                    found.add("<computed global>")  # torch never writes one; refused below
-    return found
+    with _opened(path) as archive:
+        return set().union(*(_globals(archive, name) for name in archive.records if name.endswith(".pkl")))
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold code/ and constants.pkl; torch.load would hand them to torch.jit.load."""
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+def _globals(archive: TorchArchive, name: str) -> set[str]:
+    try:
+        return scan_globals(archive.read(name))
+    except (ValueError, EOFError) as exc:  # pickletools: unknown opcode, truncated pickle
+        raise WeightsCorruptError(f"{archive.source} has a damaged pickle {name} ({exc}). Download it again, or "
+                                  "import a good copy with `ovdet weights import PATH`.") from exc
+
+
+def _refuse_torchscript(archive: TorchArchive) -> None:
+    marks = archive.torchscript_marks()
+    if marks:
+        raise WeightsUnsafeError(f"{archive.source} is a TorchScript archive (it holds {', '.join(marks[:3])}): "
+                                 f"loading it runs the program it holds, and it is not a YOLO-World checkpoint. "
+                                 f"{TRUST_HINT}")
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """The object saved in a torch checkpoint (a zip), unpickled with only ALLOWED_GLOBALS; CPU tensors.
 
-    Raises WeightsUnsafeError naming the first global outside the allowlist (nothing from the file has run), and
-    WeightsCorruptError for a damaged or non-torch file. `trust=True` loads with plain pickle: it runs code.
+    Raises WeightsUnsafeError naming the first global outside the allowlist, for TorchScript, and for a zip that
+    Python's and PyTorch's readers see differently (nothing from the file has run); WeightsCorruptError for a
+    damaged, non-torch or legacy (pre-zip) file and for one that would expand past the size bound.
+    `trust=True` loads with plain torch.load: it runs code.
     """
     path = Path(path)
     if trust:
-        return _torch_load(path, weights_only=False)
-    if not zipfile.is_zipfile(path):
-        raise WeightsCorruptError(f"{path} is not a readable PyTorch checkpoint (truncated download or wrong file). "
-                                  "Delete it and download it again, or import a good copy with "
-                                  "`ovdet weights import PATH`.")
-    try:
-        torchscript = _is_torchscript(path)
-        names = sorted(pickle_globals(path) - ALLOWED_GLOBALS)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise WeightsCorruptError(f"{path} is a damaged checkpoint ({type(exc).__name__}: {exc}). Download it "
-                                  "again, or import a good copy with `ovdet weights import PATH`.") from exc
-    if torchscript:
-        raise WeightsUnsafeError(f"{path} is a TorchScript archive: loading it runs the program it holds, and it is "
-                                 f"not a YOLO-World checkpoint. {TRUST_HINT}")
-    if names:
-        raise _unsafe(path, names)
-    try:
-        return _torch_load(path, weights_only=False, pickle_module=_RestrictedPickle)
-    except _Refused as exc:  # the scan above should have caught it; the unpickler is the last word
-        raise _unsafe(path, [exc.name]) from None
+        return _torch_load(path)
+    with _opened(path) as archive:
+        _refuse_torchscript(archive)
+        names = sorted(_globals(archive, "data.pkl") - ALLOWED_GLOBALS)
+        if names:
+            raise _unsafe(path, names)
+        try:
+            return unpickle_checkpoint(archive)
+        except Refused as exc:  # the scan above should have caught it; the unpickler is the last word
+            raise _unsafe(path, [exc.name]) from None
 
 
 def world_model_of(ckpt: Any, path: Path) -> Any:
@@ -191,11 +135,10 @@ def _unsafe(path: Path, names: list[str]) -> WeightsUnsafeError:
         f"{TRUST_HINT}", names=names)
 
 
-def _torch_load(path: Path, **kwargs: Any) -> Any:
+def _torch_load(path: Path) -> Any:
+    """Plain torch.load, for trusted files only: it runs code from the file."""
     try:
-        return torch.load(path, map_location="cpu", **kwargs)
-    except (WeightsUnsafeError, _Refused):
-        raise
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch/zip/pickle raise many types for damaged archives; keep the cause
         raise WeightsCorruptError(
             f"{path} could not be loaded ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}). The "
@@ -203,18 +146,19 @@ def _torch_load(path: Path, **kwargs: Any) -> Any:
             "with `ovdet weights import PATH`.") from exc
 
 
-
 _CLIP_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection")
 
 
-def _pickle_strings(path: Path) -> set[str]:
-    """The string constants of the pickles in a zip archive (keys, attribute names), read without unpickling."""
-    found = set()
-    with zipfile.ZipFile(path) as archive:
-        for entry in (n for n in archive.namelist() if n.endswith("data.pkl")):
-            found.update(arg for op, arg, _ in pickletools.genops(io.BytesIO(archive.read(entry)))
-                         if isinstance(arg, str) and "UNICODE" in op.name)
-    return found
+def _pickle_strings(archive: TorchArchive) -> set[str]:
+    """The string constants of an archive's data.pkl (keys, attribute names), read without unpickling."""
+    import pickletools
+
+    try:
+        return {arg for op, arg, _ in pickletools.genops(archive.read("data.pkl"))
+                if isinstance(arg, str) and "UNICODE" in op.name}
+    except (ValueError, EOFError) as exc:
+        raise WeightsCorruptError(f"{archive.source} has a damaged pickle data.pkl ({exc}). Download it again, or "
+                                  "import a good copy with `ovdet weights import PATH`.") from exc
 
 
 def identify_weights(path: str | Path, trust: bool = False) -> str:
@@ -227,8 +171,15 @@ def identify_weights(path: str | Path, trust: bool = False) -> str:
     if path.suffix == ".safetensors":
         load_safetensors_pair(path)
         return "detector"
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
-        strings = {s.rsplit(".", 1)[-1] if "." in s else s for s in _pickle_strings(path)}
+    strings = None
+    try:
+        with _opened(path) as archive:
+            if archive.torchscript_marks():
+                strings = {s.rsplit(".", 1)[-1] if "." in s else s for s in _pickle_strings(archive)}
+    except (WeightsCorruptError, WeightsUnsafeError):
+        if not trust:  # with trust, torch.load decides (e.g. a pre-1.6 torch.save file, not a zip)
+            raise
+    if strings is not None:
         if {"token_embedding", "positional_embedding", "text_projection"} <= strings:
             return "text"
         raise WeightsCorruptError(f"{path} is a TorchScript archive but not OpenAI's CLIP (no text tower inside).")
@@ -242,49 +193,6 @@ def identify_weights(path: str | Path, trust: bool = False) -> str:
             return "text"
     raise WeightsCorruptError(f"{path} is neither a YOLO-World checkpoint nor a CLIP text tower (it holds a "
                               f"{type(obj).__name__}); ovdet imports only those.")
-
-
-_ACTIVATION = re.compile(r"^(?:torch\.)?nn\.([A-Za-z_]\w*)\(\)$")
-_LITERAL = (int, float, str, bool, type(None))
-
-
-def check_model_config(cfg: Any, source: str) -> dict[str, Any]:
-    """A copy of an ultralytics model config (the yaml dict a checkpoint carries) that builds without running code.
-
-    ultralytics' builder `eval`s the `activation` entry and calls the layer names it finds; a config from a file
-    could name anything. Allowed: an activation of the form `nn.Name()`, layers that are torch.nn or ultralytics
-    nn.Module classes, literal arguments. `yaml_file` (a path or URL ultralytics would fetch) is dropped.
-    """
-    from ultralytics.nn import tasks
-
-    def bad(why: str) -> WeightsUnsafeError:
-        return WeightsUnsafeError(f"{source}: its model config {why}; a YOLO-World config never does. {TRUST_HINT}")
-
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("backbone"), list) or not isinstance(cfg.get("head"), list):
-        raise WeightsCorruptError(f"{source}: the model config is not an ultralytics YOLO-World config "
-                                  "(no backbone/head lists). Convert the checkpoint again with `ovdet weights convert`.")
-    act = cfg.get("activation")
-    if act is not None:
-        match = _ACTIVATION.match(str(act))
-        layer = getattr(torch.nn, match.group(1), None) if match else None
-        if not (isinstance(layer, type) and issubclass(layer, torch.nn.Module)):
-            raise bad(f"names activation {act!r} (only nn.Name() is allowed)")
-    for row in cfg["backbone"] + cfg["head"]:
-        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[2], str) and isinstance(row[3], list)):
-            raise bad(f"has a malformed layer {row!r}")
-        name = row[2]
-        layer = getattr(torch.nn, name[3:], None) if name.startswith("nn.") else getattr(tasks, name, None)
-        if not (isinstance(layer, type) and issubclass(layer, torch.nn.Module)):
-            raise bad(f"names layer {name!r}, which is not a torch or ultralytics layer")
-        if not _plain(row[3]) or not _plain(row[0]) or not isinstance(row[1], int):
-            raise bad(f"gives layer {name!r} non-literal arguments")
-    return {k: v for k, v in cfg.items() if k != "yaml_file"}
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return isinstance(value, _LITERAL)
 
 
 def _json_safe(value: Any) -> Any:
