@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import logging
+import os
 import shutil
 import sys
 import time
@@ -19,11 +19,12 @@ from ultralytics.models.yolo.world import train as world_train
 from ultralytics.nn.tasks import WorldModel
 from ultralytics.utils import DEFAULT_CFG, RANK
 
-from ovdet.checkpoint import TRUST_HINT, check_model_config, load_checkpoint
+from ovdet.checkpoint import TRUST_HINT, load_checkpoint
 from ovdet.errors import DatasetError, ModelError, WeightsUnsafeError
 from ovdet.evaluate import LabelledDataset, load_dataset
+from ovdet.modelconfig import build_world_model, check_model_config, read_model_yaml
 from ovdet.text import TextEncoder
-from ovdet.world import TEXT_ENCODER_KEY, load_world_checkpoint, select_device
+from ovdet.world import CONFIG_TRUST_HINT, TEXT_ENCODER_KEY, load_world_checkpoint, select_device
 
 METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)",
                "mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
@@ -54,15 +55,18 @@ class OVDetWorldTrainer(world_train.WorldTrainer):
         return ckpt
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> WorldModel:
-        if isinstance(cfg, dict) and not self.trust_weights:
-            # a checkpoint's config: build from the checked dict itself, never from the yaml_file it names
-            # (a path or URL whose `activation` ultralytics would eval)
-            model = WorldModel(copy.deepcopy(check_model_config(cfg, str(self.args.model))),
-                               ch=self.data["channels"], nc=min(self.data["nc"], 80), verbose=verbose and RANK == -1)
+        if self.trust_weights:
+            model = super().get_model(cfg, weights, verbose)
+        else:
+            # configs are data: a checkpoint's model.yaml or a yaml file, checked against ovdet's schema and built
+            # by ovdet (never from the yaml_file a checkpoint names, never an eval of its activation)
+            source = str(self.args.model)
+            checked = (check_model_config(cfg, source, TRUST_HINT) if isinstance(cfg, dict)
+                       else read_model_yaml(cfg, CONFIG_TRUST_HINT))
+            model = build_world_model(checked, source, ch=self.data["channels"], nc=min(self.data["nc"], 80),
+                                      verbose=verbose and RANK == -1)
             if weights:
                 model.load(weights)
-        else:
-            model = super().get_model(cfg, weights, verbose)
         dim = int(model.txt_feats.shape[-1])
         if self.text_encoder.dim != dim:
             raise ModelError(f"The text tower gives {self.text_encoder.dim}-d embeddings but this detector expects "
@@ -123,19 +127,106 @@ def _write_yolo_copy(dataset: LabelledDataset, split_dir: Path) -> None:
         (split_dir / "labels" / f"{name}.txt").write_text("".join(r + "\n" for r in rows))
 
 
+DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "channels")  # what ovdet passes on from a data.yaml
+TRUST_DATA_HINT = ("If you trust this data.yaml and where it came from, pass --trust-data (CLI) or trust_data=True "
+                   "(Python): ultralytics then reads it as is, and runs or fetches its `download`.")
+
+
+def _normal(path: Path) -> Path:
+    """An absolute path with `..` folded, symlinks kept: where a data.yaml's text points, lexically."""
+    return Path(os.path.normpath(os.path.abspath(path)))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return os.path.commonpath([path, root]) == str(root)
+
+
+def _check_split(key: str, entry: str, root: Path, source: Path) -> None:
+    """A split entry, and for a .txt list of images each of its lines as ultralytics reads it (`./x` relative to
+    the list, other relative lines relative to the working folder), must lie inside the dataset root."""
+    target = _normal(Path(entry) if Path(entry).is_absolute() else root / entry)
+    lines = [(entry, target)]
+    if _inside(target, root) and target.suffix == ".txt" and target.is_file():
+        for line in target.read_text(encoding="utf-8-sig", errors="replace").splitlines():
+            line = line.strip()
+            if line:
+                lines.append((line, _normal(target.parent / line[2:] if line.startswith("./") else Path(line))))
+    for text, path in lines:
+        if not _inside(path, root):
+            raise DatasetError(f"{source}: {key} entry {text!r} points outside the dataset root {root} (to {path}): "
+                               f"keep every split inside it. {TRUST_DATA_HINT}")
+
+
+def check_data_yaml(raw: dict, source: Path) -> dict:
+    """The keys of a YOLO data.yaml that ovdet hands to ultralytics, checked as data (no --trust-data).
+
+    `download` is refused: ultralytics runs it (Python source or a shell command) or fetches it (a URL) when a split
+    is missing. `path` must stay inside the yaml's folder and every split (train/val/test, and the lines of a .txt
+    list) inside the dataset root, compared lexically (`..` folded; symlinks inside the dataset are its owner's
+    choice). Other keys are dropped; `path` comes back absolute.
+    """
+    if raw.get("download") not in (None, ""):
+        raise DatasetError(f"{source} has a 'download' field ({str(raw['download'])[:80]!r}): ultralytics would run "
+                           f"or fetch it when a split folder is missing. Remove it. {TRUST_DATA_HINT}")
+    folder = _normal(source.parent)
+    root = folder
+    if raw.get("path") not in (None, ""):
+        root = _normal(folder / str(raw["path"]))
+        if not _inside(root, folder):
+            raise DatasetError(f"{source}: 'path: {raw['path']}' points outside the folder of the yaml ({folder}): "
+                               f"move the data.yaml into its dataset folder. {TRUST_DATA_HINT}")
+    for key in ("train", "val", "test"):
+        entries = raw.get(key)
+        for entry in (entries if isinstance(entries, list) else [] if entries in (None, "") else [entries]):
+            _check_split(key, str(entry), root, source)
+    if "channels" in raw and not (isinstance(raw["channels"], int) and 1 <= raw["channels"] <= 64):
+        raise DatasetError(f"{source}: 'channels: {raw['channels']!r}' is not an image channel count such as 3.")
+    checked = {k: raw[k] for k in DATA_KEYS if raw.get(k) is not None}
+    checked["path"] = str(root)
+    return checked
+
+
+def _yolo_yaml(data: str | Path) -> Path | None:
+    """The data.yaml load_dataset will read for `data` (the file, or the one yaml in a folder), else None."""
+    path = Path(data)
+    if path.is_dir():
+        yamls = [p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml")]
+        path = yamls[0] if len(yamls) == 1 else path
+    return path if path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
 def prepare_data(data: str | Path, out: Path, classes: Sequence[str] | None = None,
-                 val_data: str | Path | None = None) -> tuple[Path, list[str]]:
+                 val_data: str | Path | None = None, trust_data: bool = False) -> tuple[Path, list[str]]:
     """A data.yaml ultralytics can train on, and the class texts it trains with.
 
-    YOLO data.yaml is used as is unless `classes` renames its classes; a COCO .json is converted (images linked,
-    labels written) under out/data. `classes` gives the prompt of each class id, in order.
+    A YOLO data.yaml is checked as data (check_data_yaml) and its checked keys written to out/data.yaml, with
+    `classes` as its names when given; `trust_data` hands the file to ultralytics as is instead (renamed classes
+    still go through a copy). A COCO .json is converted (images linked, labels written) under out/data. `classes`
+    gives the prompt of each class id, in order.
     """
+    source = _yolo_yaml(data)
+    checked = None
+    if source is not None and not trust_data:  # before the dataset is listed: its splits may point anywhere
+        try:
+            raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise DatasetError(f"{source} could not be read as YAML ({exc}).") from exc
+        if not isinstance(raw, dict):
+            raise DatasetError(f"{source} is not a YOLO data.yaml (expected keys train, val, names).")
+        checked = check_data_yaml(raw, source)
     train_set = load_dataset(data, split="train")
     names = list(classes) if classes else train_set.names
     if len(names) != len(train_set.names):
         raise DatasetError(f"{len(names)} class names given for {len(train_set.names)} dataset classes "
                            f"({train_set.names}): give one per class, in class-id order.")
     source = Path(train_set.source)
+    if checked is not None and val_data is None:
+        if classes:
+            checked["names"] = dict(enumerate(names))
+        out.mkdir(parents=True, exist_ok=True)
+        derived = out / "data.yaml"
+        derived.write_text(yaml.safe_dump(checked, sort_keys=False))
+        return derived, names
     if source.suffix in (".yaml", ".yml") and val_data is None:
         if not classes:
             return source, names
@@ -175,14 +266,20 @@ def _is_default_text_model(text_model: Any) -> bool:
 
 
 def _start_model(model: str | Path, trust_weights: bool = False) -> tuple[str, dict | None]:
-    """What ultralytics should build from (yaml config or resolved .pt) and the text tower that .pt carries."""
+    """What ultralytics should build from (yaml config or resolved .pt) and the text tower that .pt carries.
+
+    Its model config is checked here, before anything else is loaded (the trainer checks it again when it builds)."""
     text = str(model)
     if text.endswith((".yaml", ".yml")):
+        if not trust_weights:
+            read_model_yaml(text, CONFIG_TRUST_HINT)
         return text, None
     from ovdet.weights import resolve_detector
 
     path = resolve_detector(model)
-    _, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
+    weights, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
+    if not trust_weights:
+        check_model_config(weights.yaml, str(path), TRUST_HINT)
     return str(path), ckpt.get(TEXT_ENCODER_KEY)
 
 
@@ -216,8 +313,7 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
           epochs: int = 10, imgsz: int = 640, batch: int = 16, device: str | torch.device = "auto",
           text_model: str | Path | TextEncoder | None = None, classes: Sequence[str] | None = None,
           val_data: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
-          trust_weights: bool = False,
-          **overrides: Any) -> TrainResult:
+          trust_weights: bool = False, trust_data: bool = False, **overrides: Any) -> TrainResult:
     """Train a YOLO-World detector on a YOLO or COCO dataset; writes OUT/model.pt and returns its metrics.
 
     `model` is a detector name or .pt (fine-tune) or an ultralytics yaml config (from scratch). Class texts are
@@ -225,7 +321,8 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
     than the default is stored in the checkpoint (fp16) under "ovdet_text_encoder", and training uses exactly
     those stored weights. `overrides` are further ultralytics training arguments (lr0=..., mosaic=..., ...).
     `quiet` silences ultralytics' output; when stdout is not a terminal its progress bars print plain lines.
-    Checkpoints are read without running code from them unless `trust_weights` (only for files you trust).
+    Checkpoints and model configs are read without running code from them unless `trust_weights`, and a data.yaml
+    is checked as data (no `download`, splits inside the dataset) unless `trust_data` (only for files you trust).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -252,7 +349,7 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
         encoder = TextEncoder.from_state(text_state)
     dev = _ultralytics_device(device)
     encoder.to(select_device(device))
-    data_yaml, names = prepare_data(data, out, classes, val_data)
+    data_yaml, names = prepare_data(data, out, classes, val_data, trust_data=trust_data)
     args = {"plots": False, "workers": 2, **overrides, "model": start, "data": str(data_yaml), "epochs": epochs,
             "imgsz": imgsz, "batch": batch, "device": dev, "project": str(out.resolve().parent), "name": out.name,
             "exist_ok": True, "val": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,15 @@ from ultralytics.utils import nms, ops
 
 from ovdet.checkpoint import (TEXT_ENCODER_KEY, _quiet_ultralytics, load_checkpoint, load_safetensors_pair,
                               world_model_of)
-from ovdet.errors import ModelError
+from ovdet.errors import ModelError, OVDetWarning
+from ovdet.modelconfig import build_world_model, read_model_yaml
 from ovdet.weights import cached_sha256, resolve_detector, state_digest
 
+DEFAULT_IMGSZ = 640  # what the published YOLO-World models were trained at
+MAX_CHECKPOINT_IMGSZ = 4096  # the largest train_args.imgsz taken from a checkpoint (real ones say 640 or 1280)
+MAX_IMGSZ = 8192  # the largest inference size ovdet accepts (one 8192² float image is 0.8 GB)
+CONFIG_TRUST_HINT = ("If you trust this config and where it came from, pass --trust-weights (CLI) or "
+                     "trust_weights=True (Python): ultralytics then builds it unchecked, running what it names.")
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -56,6 +63,52 @@ def load_world_checkpoint(path: Path, trust_weights: bool = False) -> tuple[Worl
         return load_safetensors_pair(path)
     ckpt = load_checkpoint(path, trust=trust_weights)
     return world_model_of(ckpt, path), ckpt
+
+
+def world_model_from_yaml(source: str | Path, trust_weights: bool = False) -> WorldModel:
+    """A random-weight WorldModel from a model yaml (path or ultralytics config name), read as data: yaml.safe_load,
+    ovdet's config schema, no eval. `trust_weights` hands the file to ultralytics unchecked (it runs what it names)."""
+    with _quiet_ultralytics():
+        if not trust_weights:
+            return build_world_model(read_model_yaml(source, CONFIG_TRUST_HINT), str(source))
+        try:
+            return WorldModel(str(source), verbose=False)
+        except FileNotFoundError as exc:
+            raise ModelError(f"Model config {str(source)!r} not found: give a path or an ultralytics config name "
+                             "such as 'yolov8s-worldv2.yaml'.") from exc
+
+
+def checkpoint_imgsz(ckpt: dict[str, Any], source: str | Path) -> int:
+    """The size a checkpoint says it was trained at (train_args.imgsz): the default inference size.
+
+    It is only a default, so a value that is no size in 32..MAX_CHECKPOINT_IMGSZ (a 40000 would letterbox every image
+    into 4.8 GB) gives the YOLO-World default 640 and a warning naming it, instead of refusing good weights.
+    """
+    args = ckpt.get("train_args")
+    raw = args.get("imgsz") if isinstance(args, dict) else None
+    if raw is None:
+        return DEFAULT_IMGSZ
+    sizes = raw if isinstance(raw, (list, tuple)) else [raw]
+    if sizes and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_CHECKPOINT_IMGSZ
+                     for v in sizes):
+        return max(sizes)
+    warnings.warn(f"{source} says it was trained at imgsz {str(raw)[:60]}, which is not a size in 32.."
+                  f"{MAX_CHECKPOINT_IMGSZ}; detecting at {DEFAULT_IMGSZ} instead (pass --imgsz / imgsz= to choose).",
+                  OVDetWarning, stacklevel=3)
+    return DEFAULT_IMGSZ
+
+
+def check_imgsz(imgsz: Any) -> int:
+    """An inference size a caller asked for, as an int; ModelError beyond MAX_IMGSZ (memory grows with its square)."""
+    try:
+        size = int(imgsz)
+        ok = size == imgsz and not isinstance(imgsz, bool) and 1 <= size <= MAX_IMGSZ
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ModelError(f"imgsz {imgsz!r} is not an image size in 1..{MAX_IMGSZ} pixels: use a multiple of 32 such "
+                         "as 640 (the size YOLO-World was trained at) or 1280.")
+    return size
 
 
 class WorldDetector:
@@ -114,19 +167,12 @@ class WorldDetector:
             return cls(source, type(source).__name__, device, half, **backend)
         text = str(source)
         if text.endswith((".yaml", ".yml")):
-            with _quiet_ultralytics():
-                try:
-                    model = WorldModel(text, verbose=False)
-                except FileNotFoundError as exc:
-                    raise ModelError(f"Model config {text!r} not found: give a path or an ultralytics config "
-                                     "name such as 'yolov8s-worldv2.yaml'.") from exc
-            return cls(model, Path(text).name, device, half, **backend)
+            return cls(world_model_from_yaml(text, trust_weights), Path(text).name, device, half, **backend)
         path = resolve_detector(text)
         model, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
-        imgsz = (ckpt.get("train_args") or {}).get("imgsz") or 640
         return cls(model, path.stem, device, half, digest=cached_sha256(path)[:16],
-                   text_encoder_state=ckpt.get(TEXT_ENCODER_KEY),
-                   train_imgsz=max(imgsz) if isinstance(imgsz, (list, tuple)) else int(imgsz), **backend)
+                   text_encoder_state=ckpt.get(TEXT_ENCODER_KEY), train_imgsz=checkpoint_imgsz(ckpt, path),
+                   **backend)
 
     @property
     def model_id(self) -> str:
@@ -167,6 +213,7 @@ class WorldDetector:
 
     def preprocess(self, images: list[np.ndarray], imgsz: int) -> torch.Tensor:
         """Letterbox BGR uint8 images exactly as ultralytics predict does; returns a normalized RGB batch."""
+        imgsz = check_imgsz(imgsz)
         same_shapes = len({im.shape for im in images}) == 1
         letterbox = LetterBox((imgsz, imgsz), auto=same_shapes, stride=self.stride)
         boxed = [letterbox(image=im) for im in images]

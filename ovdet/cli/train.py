@@ -55,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="print nothing but warnings and errors (ultralytics' progress and the final metrics line); "
                         "without it, output to a log or pipe has one plain line per progress bar, no redraw frames")
     add_trust_option(p)
+    p.add_argument("--trust-data", action="store_true",
+                   help="hand a YOLO data.yaml to ultralytics as is: without it ovdet refuses a `download` field "
+                        "(ultralytics runs it as Python or shell, or fetches it, when a split is missing) and splits "
+                        "outside the dataset folder; only for data.yaml files you trust (see README, Security)")
     p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="any other ultralytics training argument, e.g. --set lr0=0.002 --set mosaic=0.5 (repeatable)")
     return p
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(args.data, model=args.model, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                    batch=args.batch, device=args.device, text_model=args.text_model, classes=classes,
                    val_data=args.val_data, overwrite=args.overwrite, seed=args.seed, workers=args.workers,
-                   quiet=args.quiet, trust_weights=args.trust_weights, **overrides)
+                   quiet=args.quiet, trust_weights=args.trust_weights, trust_data=args.trust_data,
+                   **overrides)
     if args.quiet:
         return 0
     m = result.metrics
