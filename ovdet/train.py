@@ -186,13 +186,22 @@ def check_data_yaml(raw: dict, source: Path) -> dict:
     return checked
 
 
-def _yolo_yaml(data: str | Path) -> Path | None:
-    """The data.yaml load_dataset will read for `data` (the file, or the one yaml in a folder), else None."""
+def _checked_data_yaml(data: str | Path, trust_data: bool) -> dict | None:
+    """check_data_yaml of the data.yaml load_dataset will read for `data` (the file, or the one yaml in a folder);
+    None for COCO input or with `trust_data`."""
     path = Path(data)
     if path.is_dir():
         yamls = [p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml")]
         path = yamls[0] if len(yamls) == 1 else path
-    return path if path.suffix in (".yaml", ".yml") and path.is_file() else None
+    if trust_data or path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DatasetError(f"{path} could not be read as YAML ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path} is not a YOLO data.yaml (expected keys train, val, names).")
+    return check_data_yaml(raw, path)
 
 
 def prepare_data(data: str | Path, out: Path, classes: Sequence[str] | None = None,
@@ -204,16 +213,7 @@ def prepare_data(data: str | Path, out: Path, classes: Sequence[str] | None = No
     still go through a copy). A COCO .json is converted (images linked, labels written) under out/data. `classes`
     gives the prompt of each class id, in order.
     """
-    source = _yolo_yaml(data)
-    checked = None
-    if source is not None and not trust_data:  # before the dataset is listed: its splits may point anywhere
-        try:
-            raw = yaml.safe_load(source.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise DatasetError(f"{source} could not be read as YAML ({exc}).") from exc
-        if not isinstance(raw, dict):
-            raise DatasetError(f"{source} is not a YOLO data.yaml (expected keys train, val, names).")
-        checked = check_data_yaml(raw, source)
+    checked = _checked_data_yaml(data, trust_data)  # before the dataset is listed: its splits may point anywhere
     train_set = load_dataset(data, split="train")
     names = list(classes) if classes else train_set.names
     if len(names) != len(train_set.names):
@@ -334,6 +334,7 @@ def train(data: str | Path, model: str | Path = "yolov8s-worldv2", out: str | Pa
         raise WeightsUnsafeError(f"resume={overrides['resume']!r} makes ultralytics read its last.pt with plain "
                                  f"pickle, which can run code from the file. {TRUST_HINT}")
     start, carried = _start_model(model, trust_weights)
+    _checked_data_yaml(data, trust_data)  # fail before the text tower loads; prepare_data checks it again
     if isinstance(text_model, TextEncoder):
         encoder, embed = text_model, True
     elif text_model is None and carried is not None:

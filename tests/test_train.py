@@ -114,7 +114,12 @@ def test_refuses_non_empty_output(trained, tiny_world, capsys):
 
 def test_prepare_data_renames_and_converts_coco(tmp_path, tiny_world):
     data, names = prepare_data(tiny_world, tmp_path / "o1")
-    assert data == tiny_world and names[0] == "red circle"
+    # a data.yaml goes to ultralytics as checked data: its own keys only (synth's record dropped), root absolute
+    assert data == tmp_path / "o1" / "data.yaml" and names[0] == "red circle"
+    original = yaml.safe_load(tiny_world.read_text())
+    assert yaml.safe_load(data.read_text()) == {"path": str(tiny_world.parent), "train": original["train"],
+                                                "val": original["val"], "names": original["names"]}
+    assert prepare_data(tiny_world, tmp_path / "o1t", trust_data=True)[0] == tiny_world  # --trust-data: as is
     with pytest.raises(DatasetError, match="one per class"):
         prepare_data(tiny_world, tmp_path / "o2", classes=["x", "y"])
     renamed, names = prepare_data(tiny_world, tmp_path / "o3", classes=[f"c{i}" for i in range(9)])
