@@ -27,10 +27,12 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from ovdet.display import shown
 from ovdet.errors import DatasetError, OVDetWarning, ResumeMismatchError
+from ovdet.output_keys import flat_key
 from ovdet.progress import progress
 from ovdet.prompts import parse_classes
 from ovdet.runlock import LOCK_NAME, lock_output
@@ -61,6 +63,17 @@ __all__ = ["AnnotateSummary", "annotate_folder"]
 _MANIFEST_VERSION = 1
 # Settings added after version 1, with the value a run.json written before them implies.
 _ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None, "reduced_precision": None}
+_NOT_UTF8 = ("its name is not valid UTF-8 (the bytes are shown as \\xNN), and ovdet's outputs are UTF-8 files "
+             "that must name it: rename the file, e.g. with `convmv -f latin1 -t utf8`, and run again")
+
+
+def _utf8(text: str) -> bool:
+    """True when `text` can be written to a UTF-8 file (file names that were not valid UTF-8 cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _backend_words(detector: Any, ray_engine: Any) -> str | None:
@@ -101,17 +114,17 @@ class AnnotateSummary:
     def line(self) -> str:
         """One-line human summary."""
         n_det = sum(self.detections_per_class.values())
-        per_class = ", ".join(f"{k} {v}" for k, v in self.detections_per_class.items() if v)
+        per_class = ", ".join(f"{shown(k)} {v}" for k, v in self.detections_per_class.items() if v)
         parts = [f"annotated {self.images_done} image{'s' if self.images_done != 1 else ''}"]
         if self.images_already_done:
             parts.append(f"{self.images_already_done} already done")
         if self.skipped:
-            parts.append(f"{len(self.skipped)} skipped (see {Path(self.out) / _ERRORS})")
+            parts.append(f"{len(self.skipped)} skipped (see {shown(Path(self.out) / _ERRORS)})")
         split = f" (split: {self.split[0]} train / {self.split[1]} val)" if self.split is not None else ""
         return (
             f"{'; '.join(parts)} in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s"
             f"{', ' + self.backend if self.backend else ''}); "
-            f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {self.out}{split}"
+            f"{n_det} detection{'s' if n_det != 1 else ''}{': ' + per_class if per_class else ''} -> {shown(self.out)}{split}"
         )
 
 
@@ -163,9 +176,10 @@ def annotate_folder(
     """
     ray_engine = _ray_engine(engine)
     if ray_engine is None and "://" in os.fspath(src):
-        raise DatasetError(f"{src}: the local engine reads folders; a URI source needs engine='ray' (--engine ray)")
+        raise DatasetError(f"{shown(src)}: the local engine reads folders; a URI source needs engine='ray' "
+                           "(--engine ray)")
     if "://" in os.fspath(out):
-        raise DatasetError(f"{out}: --out must be a folder (for --engine ray one that every node mounts at the same "
+        raise DatasetError(f"{shown(out)}: --out must be a folder (for --engine ray one that every node mounts at the same "
                            "path); writing the outputs to a URI is not supported")
     src_path, out_path = Path(src), Path(out)
     source = None if ray_engine is None else ray_engine.source(src, recursive=recursive)
@@ -301,18 +315,21 @@ def _finished_note(out: Path) -> str:
     if not done:
         return "No image was finished before this."
     return f"The {done} image{'s' if done != 1 else ''} finished before this {'are' if done != 1 else 'is'} " \
-           f"safe in {out / _JOURNAL}."
+           f"safe in {shown(out / _JOURNAL)}."
 
 
 def _check_folders(src: Path, out: Path) -> None:
     if not src.exists():
-        raise DatasetError(f"{src}: input folder does not exist; check the path")
+        raise DatasetError(f"{shown(src)}: input folder does not exist; check the path")
     if not src.is_dir():
-        raise DatasetError(f"{src}: is a file, not a folder; annotate takes a folder of images")
+        raise DatasetError(f"{shown(src)}: is a file, not a folder; annotate takes a folder of images")
     src_r, out_r = src.resolve(), out.resolve()
+    if not _utf8(str(src_r)):  # every image's path (and run.json) would hold the undecodable bytes
+        raise DatasetError(f"{shown(src_r)}: the input folder's path is not valid UTF-8 (the bytes are shown as "
+                           "\\xNN), and ovdet's outputs are UTF-8 files that must name it: rename the folder")
     if out_r == src_r or src_r in out_r.parents:
         raise DatasetError(
-            f"output folder {out} is inside the input folder {src}: its previews and links would be "
+            f"output folder {shown(out)} is inside the input folder {shown(src)}: its previews and links would be "
             "picked up as input; choose an --out folder outside the input folder"
         )
     _check_out(out)
@@ -320,10 +337,10 @@ def _check_folders(src: Path, out: Path) -> None:
 
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out}: output path exists and is a file; choose a folder")
+        raise DatasetError(f"{shown(out)}: output path exists and is a file; choose a folder")
     if out.is_dir() and not (out / _MANIFEST).exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise DatasetError(
-            f"{out}: folder is not empty and holds no ovdet annotate run; choose an empty or new "
+            f"{shown(out)}: folder is not empty and holds no ovdet annotate run; choose an empty or new "
             "--out folder (--overwrite deletes only ovdet's own output files, so it does not help here)"
         )
 
@@ -338,12 +355,13 @@ def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> Non
             try:
                 previous = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise DatasetError(f"{manifest}: unreadable ({exc}); pass --overwrite to start over") from exc
+                raise DatasetError(f"{shown(manifest)}: unreadable ({shown(exc)}); pass --overwrite to start over") \
+                    from exc
             old = {**_ADDED_SETTINGS, **previous.get("settings", {})}
             diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
             if diffs:
                 raise ResumeMismatchError(
-                    f"{out} holds an earlier annotate run with other settings ({'; '.join(diffs)}). "
+                    f"{shown(out)} holds an earlier annotate run with other settings ({'; '.join(diffs)}). "
                     "Re-run with the same settings to resume it, pass --overwrite to start over, "
                     "or choose another --out folder."
                 )
@@ -394,25 +412,17 @@ class _Run:
         return done
 
     def key_for(self, rel: str) -> str:
-        """A flat output file stem unique in this run (case-insensitively): sub/dir/a.jpg -> sub__dir__a."""
-        p = PurePosixPath(rel)
-        base = str(p.with_suffix("")).replace("/", "__")
-        candidates = [base, f"{base}_{p.suffix.lstrip('.').lower()}"]
-        n = 2
-        while True:
-            for key in candidates:
-                if key.lower() not in self.used_keys:
-                    self.used_keys.add(key.lower())
-                    return key
-            candidates = [f"{base}_{p.suffix.lstrip('.').lower()}_{n}"]
-            n += 1
+        """A flat output file stem unique in this run (see ovdet.output_keys): sub/dir/a.jpg -> sub__dir__a."""
+        return flat_key(rel, self.used_keys)
 
     def record_error(self, item: LoadedImage, src: Path) -> None:
         path = Path(item.source)
         self.add_error(error_record(path.relative_to(src).as_posix(), os.path.abspath(path), item.error, path))
 
     def add_error(self, record: dict[str, str]) -> None:
-        """Append one errors.jsonl record (image, path, reason) of a file that could not be read."""
+        """Append one errors.jsonl record (image, path, reason) of a file that could not be read; a name that is
+        not valid UTF-8 is written with its bytes escaped (\\xNN), since JSON in UTF-8 cannot hold it."""
+        record = {k: v if not isinstance(v, str) or _utf8(v) else shown(v) for k, v in record.items()}
         self.errors.append(record)
         self.skipped.append((record["path"], record["reason"]))
 
@@ -427,7 +437,11 @@ class _Run:
             self.write(rec, item.image)
 
     def write(self, rec: ImageRecord, image: Any = None) -> None:
-        """Write every output of one image (the preview only given its pixels), journal entry last."""
+        """Write every output of one image (the preview only given its pixels), journal entry last; an image whose
+        name is not valid UTF-8 goes to errors.jsonl instead, since no UTF-8 output file can name it."""
+        if not (_utf8(rec.image) and _utf8(rec.path)):
+            self.add_error({"image": rec.image, "path": rec.path, "reason": _NOT_UTF8})
+            return
         for writer in self.writers:
             writer.write(rec)
         if self.preview is not None and image is not None:

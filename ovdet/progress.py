@@ -4,7 +4,8 @@
 LineProgress otherwise: CI logs, `nohup`, cluster jobs and `2> file` get one readable line every
 `OVDET_PROGRESS_SECONDS` (default 5) with done/total, rate and ETA, and a last line when the job ends,
 instead of thousands of redraw frames. `quiet=True` prints nothing. Both have update(n), write(msg),
-close() and work as context managers.
+close() and work as context managers. The description and written messages (which may quote file and class
+names) are shown with control characters escaped (ovdet.display.shown): a message is one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from typing import IO, Any
 
 from tqdm import tqdm
+
+from ovdet.display import shown
 
 __all__ = ["LineProgress", "progress"]
 
@@ -35,7 +38,7 @@ class LineProgress:
                  file: IO[str] | None = None, interval: float | None = None, unit_scale: bool = False,
                  disable: bool = False):
         self.total = total or None
-        self.desc, self.unit, self.unit_scale = desc, unit, unit_scale
+        self.desc, self.unit, self.unit_scale = shown(desc), unit, unit_scale
         self.n = self.initial = initial
         self.file = file
         self.interval = _interval() if interval is None else interval
@@ -75,7 +78,7 @@ class LineProgress:
 
     def write(self, message: str) -> None:
         """Print a message line, also when quiet (like tqdm.write): messages are not progress."""
-        self._print(message)
+        self._print(shown(message))
 
     def close(self) -> None:
         """Print the last line (done, time, rate) once."""
@@ -90,6 +93,14 @@ class LineProgress:
         self.close()
 
 
+class _Bar(tqdm):
+    """tqdm whose write() shows control characters in the message escaped."""
+
+    @classmethod
+    def write(cls, s: str, file: IO[str] | None = None, end: str = "\n", nolock: bool = False) -> None:
+        super().write(shown(s), file=file, end=end, nolock=nolock)
+
+
 def progress(total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0, quiet: bool = False,
              file: IO[str] | None = None, unit_scale: bool = False) -> tqdm | LineProgress:
     """A progress display for `total` items: tqdm on a terminal, LineProgress otherwise, silent if `quiet`."""
@@ -99,7 +110,7 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", initial
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         terminal = False
     if terminal:
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=quiet, file=file,
+        return _Bar(total=total, desc=shown(desc), unit=unit, initial=initial, disable=quiet, file=file,
                     dynamic_ncols=True, smoothing=0.05, unit_scale=unit_scale,
                     unit_divisor=1024 if unit_scale else 1000)
     return LineProgress(total, desc, unit, initial, file=file, unit_scale=unit_scale, disable=quiet)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
+from ovdet.class_files import Where as _Where
+from ovdet.class_files import item_line as _line
+from ovdet.class_files import load_json as _load_json
+from ovdet.class_files import load_yaml as _load_yaml
+from ovdet.display import shown
 from ovdet.errors import ClassSpecError
+from ovdet.prompt_limits import check_counts, check_text
 
 CLASS_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 REDUCTIONS = ("max", "mean")
@@ -92,6 +96,7 @@ class ClassSpec:
 
     def embed(self, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
         """[rows, D] embeddings of `columns`: with templates, each phrasing's ensemble averaged and renormalized."""
+        check_counts(len(self.classes), len(self.columns), len(self.templates), _Where())  # before any encoding
         phrasings = [p for p, _ in self.columns]
         if not self.templates:
             return encode(phrasings)
@@ -105,36 +110,17 @@ class ClassSpec:
         return [t.replace("{}", phrasing) for t in self.templates]
 
     def describe(self) -> str:
-        """A human-readable table of the classes (name, threshold, phrasings), negatives and options."""
+        """A human-readable table of the classes (name, threshold, phrasings), negatives and options; control
+        characters (refused by parse_classes, possible in a ClassSpec built by hand) shown escaped."""
         rows = [("#", "NAME", "CONF", "PHRASINGS")] + [
-            (str(i), c.name, "-" if c.conf is None else f"{c.conf:g}", " | ".join(c.prompts))
+            (str(i), shown(c.name), "-" if c.conf is None else f"{c.conf:g}", shown(" | ".join(c.prompts)))
             for i, c in enumerate(self.classes)]
         widths = [max(len(r[k]) for r in rows) for k in range(3)]
         lines = [f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
-        lines.append(f"negatives: {' | '.join(self.negatives) if self.negatives else '-'}")
-        lines.append(f"templates: {' ; '.join(self.templates) if self.templates else 'off'}")
+        lines.append(f"negatives: {shown(' | '.join(self.negatives)) if self.negatives else '-'}")
+        lines.append(f"templates: {shown(' ; '.join(self.templates)) if self.templates else 'off'}")
         lines.append(f"phrasings scored by: {self.reduce}")
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class _Where:
-    """Where a piece of a class spec came from: file, line and a path such as `classes[2].conf`."""
-
-    file: str | None = None
-    line: int | None = None
-    path: str = ""
-
-    def at(self, path: str, line: int | None = None) -> _Where:
-        return _Where(self.file, line if line is not None else self.line, path)
-
-    def error(self, problem: str) -> ClassSpecError:
-        place = self.file or "class list"
-        if self.file and self.line:
-            place += f":{self.line}"
-        if self.path:
-            place += f" at {self.path}"
-        return ClassSpecError(f"{place}: {problem}")
 
 
 def parse_classes(classes: str | Path | Sequence[Any] | Mapping[str, Any] | ClassSpec,
@@ -160,7 +146,9 @@ def parse_classes(classes: str | Path | Sequence[Any] | Mapping[str, Any] | Clas
         changes["templates"] = _templates(templates, where.at("templates"))
     if reduce is not None:
         changes["reduce"] = _reduce(reduce, where.at("reduce"))
-    return dataclasses.replace(spec, **changes) if changes else spec
+    spec = dataclasses.replace(spec, **changes) if changes else spec
+    check_counts(len(spec.classes), len(spec.columns), len(spec.templates), where)
+    return spec
 
 
 def _checked(spec: ClassSpec) -> ClassSpec:
@@ -168,11 +156,18 @@ def _checked(spec: ClassSpec) -> ClassSpec:
     where = _Where()
     if not spec.classes:
         raise where.error("the class list is empty: name at least one thing to find, e.g. ['person']")
+    check_counts(len(spec.classes), sum(len(getattr(c, "prompts", ())) for c in spec.classes) + len(spec.negatives),
+                 0, where)
     for entry in spec.classes:
         if not isinstance(entry, ClassEntry) or not entry.prompts:
             raise where.error(f"{entry!r} is not a ClassEntry with at least one phrasing")
         if entry.conf is not None:
             _conf(entry.conf, where)
+    for what, text in [("class name or phrasing", t) for c in spec.classes for t in (c.name, *c.prompts)] + \
+            [("negative prompt", n) for n in spec.negatives]:
+        if not isinstance(text, str):
+            raise where.error(f"a {what} must be a string, got {type(text).__name__} {text!r}")
+        check_text(text, what, where)
     _check_unique([(c, where) for c in spec.classes], [(n, where) for n in spec.negatives])
     _templates(list(spec.templates), where)
     _reduce(spec.reduce, where)
@@ -188,102 +183,16 @@ def load_class_file(path: str | Path) -> ClassSpec:
     """Parse a YAML or JSON class file (format in this module's docstring)."""
     path = Path(path).expanduser()
     if path.suffix.lower() not in CLASS_FILE_SUFFIXES:
-        raise ClassSpecError(f"{path}: class files must end in .yaml, .yml or .json.")
+        raise ClassSpecError(f"{shown(path)}: class files must end in .yaml, .yml or .json.")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ClassSpecError(f"Class file {path} does not exist: check the path (or list the classes "
+        raise ClassSpecError(f"Class file {shown(path)} does not exist: check the path (or list the classes "
                              "directly, e.g. 'person,bus').") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ClassSpecError(f"Class file {path} cannot be read as UTF-8 text: {exc}.") from exc
+        raise ClassSpecError(f"Class file {shown(path)} cannot be read as UTF-8 text: {shown(exc)}.") from exc
     data = _load_json(text, str(path)) if path.suffix.lower() == ".json" else _load_yaml(text, str(path))
     return _document(data, _Where(str(path), getattr(data, "line", None)))
-
-
-class _Map(dict):
-    """A YAML mapping that remembers the line of each key."""
-
-    line: int | None = None
-    lines: dict[Any, int]
-
-
-class _Seq(list):
-    """A YAML sequence that remembers the line of each item."""
-
-    line: int | None = None
-    lines: list[int]
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records line numbers and refuses duplicate keys (plain PyYAML keeps the last one)."""
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line, out.lines = node.start_mark.line + 1, {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if not isinstance(key, (str, int, float, bool)) and key is not None:
-            raise _Where(loader.name, line).error("mapping keys must be plain words")
-        if key in out:
-            raise _Where(loader.name, line).error(f"key {key!r} appears twice (first on line {out.lines[key]}); "
-                                                  "keep one")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = line
-    return out
-
-
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
-    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
-    out.line, out.lines = node.start_mark.line + 1, [child.start_mark.line + 1 for child in node.value]
-    return out
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
-
-
-def _load_yaml(text: str, file: str) -> Any:
-    loader = _LineLoader(text)
-    loader.name = file
-    try:
-        return loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        problem = exc.problem or exc.context
-        if isinstance(exc, yaml.constructor.ConstructorError) and "tag '!" in str(problem):
-            problem += " (YAML reads a leading '!' as a tag: quote negative prompts, e.g. \"!reflection\")"
-        raise _Where(file, line).error(f"not valid YAML: {problem}") from exc
-    except yaml.YAMLError as exc:
-        raise _Where(file).error(f"not valid YAML: {exc}") from exc
-    finally:
-        loader.dispose()
-
-
-def _load_json(text: str, file: str) -> Any:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        twice = next((k for k in keys if keys.count(k) > 1), None)
-        if twice is not None:
-            raise _Where(file).error(f"key {twice!r} appears twice in one object; keep one")
-        return dict(pairs)
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as exc:
-        raise _Where(file, exc.lineno).error(f"not valid JSON: {exc.msg} (column {exc.colno})") from exc
-
-
-def _line(container: Any, key: Any) -> int | None:
-    lines = getattr(container, "lines", None)
-    if isinstance(lines, dict):
-        return lines.get(key)
-    if isinstance(lines, list) and isinstance(key, int) and key < len(lines):
-        return lines[key]
-    return None
 
 
 def _unknown_key(key: Any, allowed: Sequence[str], where: _Where) -> ClassSpecError:
@@ -309,11 +218,16 @@ def _document(data: Any, where: _Where) -> ClassSpec:
                           f"got {type(data).__name__}")
     classes: list[tuple[ClassEntry, _Where]] = []
     negatives: list[tuple[str, _Where]] = []
+    rows = 0  # counted as the entries come, so a huge (or alias-multiplied) file stops at the cap, not at its end
     for entry, entry_where in _entries(entries, where):
         (negatives if isinstance(entry, str) else classes).append((entry, entry_where))
+        rows += 1 if isinstance(entry, str) else len(entry.prompts)
+        check_counts(len(classes), rows, 0, entry_where, at_least=True)
     if "negatives" in options:
         neg_where = where.at("negatives", _line(options, "negatives"))
-        for i, item in enumerate(_string_list(options["negatives"], neg_where)):
+        items = _string_list(options["negatives"], neg_where)
+        check_counts(len(classes), rows + len(items), 0, neg_where, at_least=True)
+        for i, item in enumerate(items):
             item_where = neg_where.at(f"negatives[{i}]", _line(options["negatives"], i))
             negatives.append((_phrasing(item.lstrip("!"), "negative prompt", item_where), item_where))
     if not classes:
@@ -366,7 +280,7 @@ def _phrasing(text: str, what: str, where: _Where) -> str:
     text = text.strip()
     if not text:
         raise where.error(f"the {what} is blank: remove it or write it out")
-    return text
+    return check_text(text, what, where)
 
 
 def _inline(item: str, where: _Where):
@@ -401,8 +315,9 @@ def _class_options(name: Any, options: Any, where: _Where, lines: Any = None) ->
     for key in ("prompts", "synonyms"):
         if key in options:
             key_where = where.at(f"{where.path}.{key}", _line(lines, key))
-            items = [_phrasing(p, "synonym" if key == "synonyms" else "prompt", key_where)
-                     for p in _string_list(options[key], key_where)]
+            items = _string_list(options[key], key_where)
+            check_counts(1, len(items), 0, key_where, at_least=True)
+            items = [_phrasing(p, "synonym" if key == "synonyms" else "prompt", key_where) for p in items]
             if any("|" in p for p in items):
                 raise key_where.error(f"{key} take one phrasing per list item, without '|'")
             prompts = items if key == "prompts" else prompts + items
@@ -431,7 +346,9 @@ def _templates(value: Any, where: _Where) -> tuple[str, ...]:
     if isinstance(value, bool):
         return DEFAULT_TEMPLATES if value else ()
     templates = tuple(_string_list(value, where))
+    check_counts(0, 1, len(templates), where, at_least=True)  # one phrasing in that many templates is too many
     for t in templates:
+        check_text(t, "template", where)
         if t.count("{}") != 1:
             raise where.error(f"template {t!r} must contain '{{}}' exactly once, where the phrasing goes, "
                               "e.g. 'a photo of a {}'")

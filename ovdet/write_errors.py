@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ovdet.display import shown
 from ovdet.errors import OutputWriteError
 
 __all__ = ["explain_write_errors", "output_write_error"]
@@ -49,18 +50,18 @@ def output_write_error(exc: OSError, folder: str | os.PathLike, finished: str = 
     """
     folder = Path(folder)
     ours = _inside(exc.filename, folder) or _inside(exc.filename2, folder)
-    where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+    where = f" ({shown(exc.filename)})" if exc.filename else ""  # file and folder names may hold control bytes
     code = errno.errorcode.get(exc.errno, str(exc.errno))
     resume = "then run the same command again: it resumes where this run stopped and does the rest exactly once."
     if exc.errno in _GONE and (ours or exc.filename is None) and not folder.is_dir():
         return OutputWriteError(
-            f"The output folder {folder} disappeared while ovdet was writing into it (deleted, moved or unmounted; "
+            f"The output folder {shown(folder)} disappeared while ovdet was writing into it (deleted, moved or unmounted; "
             f"{code}{where}). Whatever it held is no longer there. Check the path or mount, then run the same "
             "command again: it resumes from what the folder holds, or starts afresh.", exc.errno)
     if exc.errno in _FULL or (exc.errno in _ACCESS and (ours or exc.filename is None and exc.errno == errno.EIO)):
         what, todo = (_FULL | _ACCESS)[exc.errno]
         return OutputWriteError(
-            f"Cannot write to {folder}: {what} ({code}{where}). {finished + ' ' if finished else ''}"
+            f"Cannot write to {shown(folder)}: {what} ({code}{where}). {finished + ' ' if finished else ''}"
             f"Nothing half-written is kept. {todo[0].upper()}{todo[1:]}, {resume}", exc.errno)
     return None
 

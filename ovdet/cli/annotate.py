@@ -8,6 +8,7 @@ import sys
 from ovdet.annotate import annotate_folder
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
+from ovdet.display import shown
 from ovdet.distributed import RayEngine
 from ovdet.errors import DatasetError
 from ovdet.report import write_report
@@ -85,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         path = write_report(args.out, quiet=args.quiet)
         if not args.quiet:
-            print(f"report -> {path}", file=sys.stderr)
+            print(f"report -> {shown(path)}", file=sys.stderr)
     return 0

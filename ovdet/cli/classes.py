@@ -6,6 +6,7 @@ import argparse
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_trust_option
+from ovdet.display import shown
 from ovdet.prompts import REDUCTIONS, ClassSpec, parse_classes
 
 _SPEC_HELP = ('a class file (.yaml/.yml/.json) or a comma-separated list with inline syntax, e.g. '
@@ -64,8 +65,8 @@ def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
         cached = len(cache.get(identity, texts))
         tower.encode(texts)
     print(f"{len(texts)} prompt(s) for {len(spec.classes)} class(es): {cached} already cached, "
-          f"{len(texts) - cached} encoded with {identity}")
-    print(f"cache: {cache.root}")
+          f"{len(texts) - cached} encoded with {shown(identity)}")
+    print(f"cache: {shown(cache.root)}")
     if args.save:
         _save(args, spec, cache)
     return 0
@@ -89,7 +90,7 @@ def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
     rows = spec.embed(tower.encode).float().cpu().numpy()
     np.save(args.save, rows)
     names = [f"{phrase}" + (" (negative)" if column < 0 else "") for phrase, column in spec.columns]
-    print(f"embeddings [{rows.shape[0]}, {rows.shape[1]}] -> {args.save}  (rows: {', '.join(names)})")
+    print(f"embeddings [{rows.shape[0]}, {rows.shape[1]}] -> {shown(args.save)}  (rows: {shown(', '.join(names))})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import cv2
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
+from ovdet.display import json_shown, shown
 from ovdet.draw import draw
 from ovdet.errors import ImageError
 from ovdet.sources import load_image
@@ -32,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     det = build_detector(args)
     tiling = {"tile": tile_options(args)} if args.tile is not None else {}
-    print(f"ovdet: {det.model_id} on {det.world.describe()}", file=sys.stderr)
+    print(f"ovdet: {shown(det.model_id)} on {det.world.describe()}", file=sys.stderr)
     failed = 0
     for path in args.images:
         try:
@@ -41,16 +42,16 @@ def run(args: argparse.Namespace) -> int:
             dets = det.detect(path if image is None else image, **tiling)
         except ImageError as exc:
             failed += 1
-            print(f"ovdet: skipped {path}: {exc}", file=sys.stderr)
+            print(f"ovdet: skipped {shown(path)}: {shown(exc)}", file=sys.stderr)
             continue
         rows = [{"class": str(n), "score": round(float(s), 4), "xyxy": [round(float(v), 1) for v in box]}
                 for n, s, box in zip(dets.data["class_name"], dets.confidence, dets.xyxy)]
         if args.json:
-            print(json.dumps({"image": str(path), "detections": rows}, ensure_ascii=False))
+            print(json_shown(json.dumps({"image": str(path), "detections": rows}, ensure_ascii=False)))
         else:
-            print(f"{path}: {len(rows)} detection{'s' if len(rows) != 1 else ''}")
-            for r in rows:
-                print(f"  {r['class']:<20} {r['score']:.2f}  " + " ".join(f"{v:.1f}" for v in r["xyxy"]))
+            print(f"{shown(path)}: {len(rows)} detection{'s' if len(rows) != 1 else ''}")
+            for r in rows:  # file and class names are shown with control characters escaped
+                print(f"  {shown(r['class']):<20} {r['score']:.2f}  " + " ".join(f"{v:.1f}" for v in r["xyxy"]))
         if args.save:
             out = Path(args.save)
             out.mkdir(parents=True, exist_ok=True)
