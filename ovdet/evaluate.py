@@ -377,6 +377,7 @@ class _EvalRun:
             raise DatasetError(f"{out}: folder is not empty and holds no ovdet run; choose an empty or new --out")
         self.journal = Journal(out / JOURNAL)
         self.count = 0
+        self.images_root: str | None = None  # the folder holding every image: run.json's "source" (see image_problem)
 
     def add(self, path: Path, shape: tuple[int, ...], predictions: sv.Detections, targets: sv.Detections,
             names: Sequence[str]) -> None:
@@ -388,9 +389,13 @@ class _EvalRun:
                       for b, c in zip(targets.xyxy, targets.class_id)]
         self.journal.append(line)
         self.count += 1
+        folder = os.path.dirname(rec.path)
+        self.images_root = folder if self.images_root is None else os.path.commonpath([self.images_root, folder])
 
     def finish(self, settings: dict, result: EvalResult) -> None:
         self.journal.sync()
+        if self.images_root is not None and "source" not in settings:
+            settings = {**settings, "source": self.images_root}
         atomic_write(self.out / MANIFEST, json.dumps({"version": 1, "kind": "eval", "settings": settings,
                                                       "result": result.to_dict()}, indent=2) + "\n")
 

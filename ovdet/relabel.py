@@ -170,7 +170,10 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
     run's own threshold. `drop` removes classes, `rename` ("old=new"; two olds may share a new name, merging
     them) renames them (class ids are renumbered in order), `min_area` drops boxes smaller than that many px².
     `formats` defaults to the run's own. Thresholds and `conf` names refer to the run's (old) class names.
-    Every option is checked before anything is written; `out` is locked while it is written.
+    Every option is checked before anything is written; `out` is locked while it is written. With YOLO or VOC
+    output (which link the images), a record whose image is not a regular image file inside the run's source
+    folder (RunFolder.image_problem) is skipped and listed in OUT/errors.jsonl: a run folder from elsewhere may
+    name any file.
     """
     started = time.perf_counter()
     run = load_run(run_dir)
@@ -188,6 +191,8 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
     manifest = {"version": run.manifest.get("version", 1), "kind": "relabel", "settings": settings,
                 "relabel": {"from": str(run.path.resolve()), "thresholds": dict(zip(run.names, thresholds)),
                             "drop": drop_names, "rename": renames, "min_area": float(min_area)}}
+    old_errors = run.errors()  # checked (and refused if not a plain file of the run's own) before writing starts
+    links = bool({"yolo", "voc"} & set(fmts))  # these formats link the images: only the run's own source images
     with lock_output(out_path):
         _prepare_out(run.path, out_path, overwrite)
         info = {"description": "ovdet relabel", "model": settings.get("model"), "source": settings.get("source")}
@@ -195,8 +200,17 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
         limits = np.array(thresholds, dtype=np.float64)
         counts: Counter[int] = Counter()
         images = kept = seen = 0
-        with Journal(out_path / JOURNAL) as journal, progress(desc="relabel", unit="img", quiet=quiet) as bar:
+        atomic_write(out_path / ERRORS, b"")
+        with Journal(out_path / JOURNAL) as journal, Journal(out_path / ERRORS) as errors, \
+                progress(desc="relabel", unit="img", quiet=quiet) as bar:
+            for record in old_errors:
+                errors.append(record)
             for raw in run.records():
+                problem = run.image_problem(raw["path"]) if links else ""
+                if problem:  # a record naming a file outside the run's source folder: skipped, like an unreadable image
+                    errors.append({"image": raw["image"], "path": raw["path"], "reason": problem})
+                    bar.update(1)
+                    continue
                 rec = ImageRecord.from_json(raw)
                 keep = (rec.scores > limits[rec.class_ids]) & (id_map[rec.class_ids] >= 0)
                 if min_area > 0:
@@ -213,9 +227,8 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
                 seen += len(rec.class_ids)
                 bar.update(1)
             journal.sync()
+            errors.sync()
         rebuild_from_journal(writers, coco, out_path / JOURNAL)
-        errors = run.path / ERRORS
-        atomic_write(out_path / ERRORS, errors.read_bytes() if errors.exists() else b"")
         atomic_write(out_path / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     return RelabelSummary(out=str(out_path), images=images, kept=kept, dropped=seen - kept,
                           per_class={n: counts.get(i, 0) for i, n in enumerate(new_names)},

@@ -5,7 +5,9 @@ at once with OutputLockedError naming the holder (pid, host, start time, command
 file). A run that is killed (kill -9, power loss) holds nothing: the kernel releases the lock with the
 process, so a stale lock file never blocks the next run. On filesystems where flock does not exclude
 (some NFS/CIFS mounts, FUSE) the lock says so in an UnreliableLockWarning and falls back to refusing a
-holder recorded in the file that is still alive on this host.
+holder recorded in the file that is still alive on this host. The lock file is opened without following a link and
+must be a regular file with one name (else DatasetError): a folder received from elsewhere cannot make the lock
+write into another file.
 
 Re-entrant within one thread (a job that locks and calls a helper that locks the same folder), exclusive
 between threads, processes and hosts. Locks are inherited by forked children that do not exec; a
@@ -20,6 +22,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import sys
 import threading
 import time
@@ -30,11 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ovdet.errors import OutputLockedError, UnreliableLockWarning
+from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
 
 __all__ = ["LOCK_NAME", "RunLock", "filesystem_type", "lock_output", "read_holder"]
 
 LOCK_NAME = ".ovdet-lock"
+# O_NOFOLLOW: a link planted under the lock file's name is refused, not written through; O_NONBLOCK: a FIFO there
+# does not hang the open; O_CLOEXEC: a program ovdet starts does not inherit the lock.
+_NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # Filesystem types whose locks are handled by a server or a user-space daemon that may not honour them.
 _NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
@@ -79,12 +85,21 @@ def filesystem_type(path: str | os.PathLike) -> str:
 
 
 def read_holder(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """What the lock file of `folder` says about the run holding it (pid, host, started, command), or None."""
+    """What the lock file of `folder` says about the run holding it (pid, host, started, command), or None
+    (also for a lock file that is a link, FIFO or device: it is not read through)."""
     try:
-        text = (Path(folder) / LOCK_NAME).read_text(encoding="utf-8")
-        holder = json.loads(text)
-    except (OSError, ValueError):
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY | _NO_FOLLOW)
+    except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as fh:
+            holder = json.loads(fh.read(65536))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
     return holder if isinstance(holder, dict) else None
 
 
@@ -114,16 +129,23 @@ def _try_flock(fd: int) -> bool:
         raise
 
 
-def _excludes_second_open(path: Path) -> bool:
-    """True if flock on a second open file description of `path` is refused while we hold it (local filesystems)."""
-    fd = os.open(path, os.O_RDWR)
+def _excludes_second_open(folder: Path, fd: int) -> bool:
+    """True if flock on a second open file description of the lock file is refused while `fd` holds it (local
+    filesystems). The second open is checked to be the same file, so a name swapped meanwhile is never written."""
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _try_flock(fd):
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        other = os.open(LOCK_NAME, os.O_RDONLY | _NO_FOLLOW, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        if not os.path.samestat(os.fstat(other), os.fstat(fd)):
+            raise _not_plain(folder / LOCK_NAME, folder)
+        if _try_flock(other):
+            fcntl.flock(other, fcntl.LOCK_UN)
             return False
         return True
     finally:
-        os.close(fd)
+        os.close(other)
 
 
 def _alive_here(holder: dict[str, Any] | None) -> bool:
@@ -139,26 +161,61 @@ def _alive_here(holder: dict[str, Any] | None) -> bool:
     return True
 
 
+def _not_plain(path: Path, folder: Path) -> DatasetError:
+    return DatasetError(
+        f"refusing to use {path} as the lock file of {folder}: it is not a plain file of its own but "
+        f"{_what_is(path)}, so locking it would write into another file. ovdet never follows a link in an output "
+        f"folder; remove {path} (ovdet did not make it: it makes a fresh one) and run again.")
+
+
+def _what_is(path: Path) -> str:
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    if stat.S_ISREG(st.st_mode):
+        return f"a hard link (the same file has {st.st_nlink} names)"
+    return "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device file"
+
+
 def _open_locked(folder: Path) -> int | None:
-    """Open and flock the lock file; None if someone else holds it. Retries if the file was swapped meanwhile."""
+    """Open and flock the lock file; None if someone else holds it. Retries if the file was swapped meanwhile.
+
+    The file is opened without following a link and must be a regular file with one name, checked before the
+    lock is taken and nothing is written before then.
+    """
     path = folder / LOCK_NAME
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if not _try_flock(fd):
-                os.close(fd)
-                return None
-            # The previous holder unlinks the file on release; if we locked that unlinked inode, start over.
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while True:
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+                fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR):
+                    raise _not_plain(path, folder) from None
+                raise
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    raise _not_plain(path, folder)
+                if not _try_flock(fd):
+                    os.close(fd)
+                    return None
+                # The previous holder unlinks the file on release; if we locked that unlinked inode, start over.
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    return fd
+                os.close(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+    finally:
+        os.close(dir_fd)
 
 
 def _record_holder(fd: int, command: str | None) -> dict[str, Any]:
@@ -205,7 +262,7 @@ def lock_output(folder: str | os.PathLike, command: str | None = None) -> Iterat
     lock_path = folder / LOCK_NAME
     try:
         fs = filesystem_type(folder)
-        excludes = _excludes_second_open(lock_path)
+        excludes = _excludes_second_open(folder, fd)
         network = fs.split(".")[0] in _NETWORK_FS  # fuse.sshfs -> fuse
         reliable = excludes and not network
         if not reliable:

@@ -83,10 +83,10 @@ def test_relabel_equals_a_fresh_annotate_run_in_every_format(images, demo, low_r
 
 def _write_run(root: Path, records: list[dict], names: list[str], conf: float = 0.2,
                class_conf: dict[str, float] | None = None) -> Path:
-    """A hand-made run folder (run.json + predictions.jsonl), as annotate writes them."""
+    """A hand-made run folder (run.json + predictions.jsonl), as annotate writes them, over the images in ../src."""
     root.mkdir(parents=True)
     class_conf = class_conf or {}
-    settings = {"source": str(root), "classes": {"classes": [{"name": n, "prompts": [n], "conf": class_conf.get(n)}
+    settings = {"source": str(root.parent / "src"), "classes": {"classes": [{"name": n, "prompts": [n], "conf": class_conf.get(n)}
                                                              for n in names], "negatives": [], "templates": [],
                                                  "reduce": "max"},
                 "model": "fake", "conf": conf, "formats": ["coco", "yolo", "voc", "jsonl"]}
@@ -98,7 +98,8 @@ def _write_run(root: Path, records: list[dict], names: list[str], conf: float = 
 
 
 def _record(i: int, dets: list[tuple[int, float, list[float]]], names: list[str], tmp: Path) -> dict:
-    image = tmp / f"im{i}.jpg"
+    image = tmp / "src" / f"im{i}.jpg"
+    image.parent.mkdir(exist_ok=True)
     image.write_bytes(b"not read by relabel")
     return {"image": image.name, "path": str(image), "key": f"im{i}", "width": 100, "height": 80,
             "detections": [{"class_id": c, "class_name": names[c], "score": s, "bbox": b} for c, s, b in dets]}

@@ -87,7 +87,9 @@ def write_report(run_dir: str | os.PathLike, thumbnails: bool = True, quiet: boo
         thumb_errors: dict[str, str] = {}
         thumbs = run.path / THUMBS if thumbnails else None
         if thumbs is not None:
-            thumb_errors = make_thumbnails(thumbs, ((r["key"], r["path"]) for r in run.records()), quiet=quiet)
+            # only the run's own source images are read (image_problem); thumbs/ is opened link-free below the run
+            thumb_errors = make_thumbnails(thumbs, ((r["key"], r["path"]) for r in run.records()), quiet=quiet,
+                                           check=run.image_problem, root=run.path)
         out = run.path / REPORT_NAME
-        atomic_write(out, render(build_data(run, thumbs, thumb_errors)))
+        atomic_write(out, render(build_data(run, thumbs, thumb_errors)), root=run.path)
     return out
