@@ -2,7 +2,9 @@
 page where that markup is shown as text, runs nothing, and whose Content-Security-Policy would stop it if it did.
 
 The run folders are written by hand (no model): run.json, predictions.jsonl and errors.jsonl as another program or
-a person with a text editor could leave them, next to real images whose file names are payloads too.
+a person with a text editor could leave them, next to real images whose file and folder names are payloads too.
+run.json's kind must be one ovdet writes (load_run checks it); the page is also rendered with a hostile kind, so
+render() and the script stay safe whatever reaches them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from PIL import Image
 from test_report import _open, _wait_render, browser  # noqa: F401  (browser: the module's Chromium fixture)
 
 from ovdet.report import write_report
+from ovdet.report.data import build_data
+from ovdet.report.page import render
+from ovdet.runfolder import load_run
 
 # Every payload records which field it came from in window.pwned, and most also rename the page.
 KIND = ("annotate<img src=x onerror=\"window.pwned='kind';document.title='pwned'\">\n\t"
@@ -36,7 +41,7 @@ ERROR = {"image": "<iframe srcdoc=\"<script>parent.pwned='error-iframe'</script>
          "path": "/data/<img src=x onerror=window.pwned='error-path'>.jpg",
          "reason": "</script><img src=x onerror=\"window.pwned='error'\">\nsecond <b>line</b>"}
 MODEL = "<img src=x onerror=\"window.pwned='setting'\">"
-SOURCE = ["<b>bold</b>", "<svg onload=window.pwned='setting-list'>"]
+SOURCE = "src<svg onload=window.pwned='source'>"  # the images' folder, shown in the settings
 RELABEL_FROM = "<img src=x onerror=\"window.pwned='relabel'\">"
 RESULT_CLASS = "<img src=x onerror=\"window.pwned='result'\">"
 RESULT_IMAGES = "<svg onload=window.pwned='result-images'>"
@@ -44,7 +49,7 @@ RESULT_IMAGES = "<svg onload=window.pwned='result-images'>"
 
 def _hostile_run(root: Path, kind: str) -> Path:
     """A run folder of kind `kind` over two real images, every string in it markup that would run if parsed."""
-    src = root / "src"
+    src = root / SOURCE
     src.mkdir()
     run = root / RUN
     run.mkdir()
@@ -62,7 +67,7 @@ def _hostile_run(root: Path, kind: str) -> Path:
     classes = [{"name": CLASS_A, "prompts": [CLASS_A], "conf": None},
                {"name": CLASS_B, "prompts": [CLASS_B], "conf": 0.3}]
     manifest = {"version": 1, "kind": kind,
-                "settings": {"classes": {"classes": classes}, "conf": 0.2, "model": MODEL, "source": SOURCE,
+                "settings": {"classes": {"classes": classes}, "conf": 0.2, "model": MODEL, "source": str(src),
                              "imgsz": "<b>640</b>"},
                 "relabel": {"from": RELABEL_FROM},
                 "result": {"map50": "<b>1</b>", "images": RESULT_IMAGES, "instances": 2,
@@ -71,6 +76,17 @@ def _hostile_run(root: Path, kind: str) -> Path:
     (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     (run / "errors.jsonl").write_text(json.dumps(ERROR) + "\n", encoding="utf-8")
     return run
+
+
+def _report(run: Path, kind: str | None = None) -> Path:
+    """`ovdet report RUN` (write_report, without importing the model code); with `kind`, the page is rendered again
+    from the same data claiming that kind, which run.json itself may not name."""
+    out = write_report(run, quiet=True)
+    if kind is not None:
+        data = build_data(load_run(run), run / "thumbs", {})
+        data["kind"] = kind
+        out.write_text(render(data), encoding="utf-8")
+    return out
 
 
 def _text(browser, css: str) -> list[str]:  # noqa: F811
@@ -104,8 +120,7 @@ def _inline(page: str, tag: str) -> list[str]:
 
 
 def test_title_is_one_escaped_line_and_data_cannot_close_its_script(tmp_path):
-    run = _hostile_run(tmp_path, KIND)
-    page = write_report(run, quiet=True).read_text(encoding="utf-8")
+    page = _report(_hostile_run(tmp_path, "annotate"), KIND).read_text(encoding="utf-8")
     expected = html.escape(f"ovdet {KIND_TITLE} report: {RUN}")
     assert page.count(f"<title>{expected}</title>") == 1 and page.count(f'<h1 id="title">{expected}</h1>') == 1
     head = page[:page.index("</title>")]
@@ -142,22 +157,22 @@ def test_policy_allows_only_the_page_own_script_and_style_by_hash(tmp_path):
 # ----------------------------------------------------------------------------- in a real browser
 
 
-@pytest.mark.parametrize("kind", [KIND, "relabel", "eval"], ids=["hostile-kind", "relabel", "eval"])
-def test_browser_shows_every_payload_as_text_and_runs_none(browser, tmp_path, kind):  # noqa: F811
+@pytest.mark.parametrize("kind, shown_kind", [("annotate", KIND), ("relabel", None), ("eval", None)],
+                         ids=["hostile-kind", "relabel", "eval"])
+def test_browser_shows_every_payload_as_text_and_runs_none(browser, tmp_path, kind, shown_kind):  # noqa: F811
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     run = _hostile_run(tmp_path, kind)
-    write_report(run, quiet=True)  # what `ovdet report RUN` does, without importing the model code
-    browser.get_log("browser")  # drop earlier entries
+    _report(run, shown_kind)
     _open(browser, run / "report.html")
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert  # noqa: B018
-    shown_kind = KIND_TITLE if kind == KIND else kind
+    title_kind = KIND_TITLE if shown_kind else kind
     assert browser.execute_script("return window.pwned") is None
-    assert browser.title == f"ovdet {shown_kind} report: {RUN}"
+    assert browser.title == f"ovdet {title_kind} report: {RUN}"
     # nothing the payloads hold became an element: two scripts, no handlers, every <img> a thumbnail that loaded
     assert browser.execute_script("return document.scripts.length") == 2
     assert browser.execute_script("return document.querySelectorAll('[onerror],[onload],[srcdoc],iframe').length") == 0
@@ -166,15 +181,15 @@ def test_browser_shows_every_payload_as_text_and_runs_none(browser, tmp_path, ki
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]  # no CSP report, no missing file
 
     # every payload is on the page as text, character for character
-    assert _text(browser, "#title") == [f"ovdet {shown_kind} report: {RUN}"]
-    assert f"{kind} run {run.resolve()}" in _text(browser, "#summary")[0]
+    assert _text(browser, "#title") == [f"ovdet {title_kind} report: {RUN}"]
+    assert f"{shown_kind or kind} run {run.resolve()}" in _text(browser, "#summary")[0]
     assert [t.strip() for t in _text(browser, "#classes tr[data-class] td:first-child")] == [CLASS_A, CLASS_B]
     assert [o for o in _text(browser, "#filter option") if "only its boxes" in o] == [
         f"images with {CLASS_A} (only its boxes)", f"images with {CLASS_B} (only its boxes)"]
     assert _text(browser, "#gallery .cap .name") == [IMAGE_A, IMAGE_B]
     assert _text(browser, "#errors li")[0] == f"{ERROR['image']}: {ERROR['reason']}"
     settings = dict(zip(_text(browser, "#settings th"), _text(browser, "#settings td")))
-    assert settings["model"] == MODEL and settings["source"] == ", ".join(SOURCE)
+    assert settings["model"] == MODEL and settings["source"] == str(run.parent / SOURCE)
     if kind == "relabel":
         assert settings["relabelled from"] == RELABEL_FROM
     if kind == "eval":
@@ -201,7 +216,8 @@ def test_browser_shows_every_payload_as_text_and_runs_none(browser, tmp_path, ki
     browser.find_element(By.ID, "copy").click()
     argv = shlex.split(browser.find_element(By.ID, "relabel-cmd").text)
     assert argv == ["ovdet", "relabel", str(run.resolve()), "--conf",
-                    f"{CLASS_A}={float(slider.get_attribute('value')):g},{CLASS_B}=0.3", "--out", f"{run.resolve()}-relabel"]
+                    f"{CLASS_A}={float(slider.get_attribute('value')):g},{CLASS_B}=0.3",
+                    "--out", f"{run.resolve()}-relabel"]
     before = browser.execute_script("return window.ovdetReport.renders")
     Select(browser.find_element(By.ID, "filter")).select_by_value("class:0")
     _wait_render(browser, before)
@@ -225,7 +241,6 @@ def test_browser_policy_stops_markup_that_slipped_into_the_page(browser, tmp_pat
 
     run = _hostile_run(tmp_path, "annotate")
     page = write_report(run, quiet=True).read_text(encoding="utf-8")
-    browser.get_log("browser")
     planted = page.replace('<div id="summary"></div>', (
         '<div id="summary"></div><img id="planted-img" src="x" onerror="window.pwned=\'onerror\'">'
         '<svg onload="window.pwned=\'onload\'"></svg><script>window.pwned="inline-script"</script>'

@@ -161,6 +161,7 @@ def browser():
 
 def _open(browser, report: Path) -> None:
     browser.get_log("performance")  # drop earlier entries
+    browser.get_log("browser")
     browser.get(report.resolve().as_uri())
     deadline = time.time() + 20
     while not browser.execute_script("return !!(window.ovdetReport && window.ovdetReport.ready)"):
@@ -264,3 +265,10 @@ def test_browser_eval_report_draws_ground_truth_and_predictions(browser, eval_ru
     fps = [int(c.text.split(" · ")[1].split()[0]) for c in browser.find_elements(By.CSS_SELECTOR, "#gallery .cap")]
     assert fps == sorted(fps, reverse=True)
     assert all(u.startswith(("file:", "data:")) for u in _requests(browser))
+    legend = browser.find_elements(By.CSS_SELECTOR, "#legend .legend-item")
+    assert [e.text for e in legend] == ["ground truth", "prediction"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#legend rect[stroke-dasharray='5 3']")) == 1
+    shaded = browser.execute_script(
+        "return [...document.querySelectorAll('#confusion td')].map((td) => td.style.background)")
+    assert any(b.startswith("rgba(47, 111, 222") for b in shaded)  # set through the CSSOM, which the CSP allows
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]  # no CSP violation, no missing file

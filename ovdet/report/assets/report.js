@@ -29,7 +29,8 @@
   }
   const fmt = (v) => String(+(+v).toFixed(3));
   const fixed3 = (v) => (+v || 0).toFixed(3);
-  const shown = (v) => (Array.isArray(v) ? v.join(", ") : v !== null && typeof v === "object" ? JSON.stringify(v) : String(v));
+  const shown = (v) => (Array.isArray(v) ? v.join(", ")
+    : v !== null && typeof v === "object" ? JSON.stringify(v) : String(v));
   const kept = (d) => d[1] > thr[d[0]];
   const shellQuote = (s) => (/^[\w@%+=:,./-]+$/.test(s) ? s : "'" + s.replace(/'/g, "'\\''") + "'");
 
@@ -242,7 +243,8 @@
     s.addEventListener("change", () => { S.sort = s.value; S.page = 0; schedule(); });
     $("page-size").addEventListener("change", () => { S.size = +$("page-size").value; S.page = 0; schedule(); });
     const legend = $("legend");
-    if (EVAL) for (const [label, dash, stroke] of [["ground truth", "5 3", "#16a34a"], ["prediction", "none", "#e11d48"]]) {
+    const keys = [["ground truth", "5 3", "#16a34a"], ["prediction", "none", "#e11d48"]];
+    if (EVAL) for (const [label, dash, stroke] of keys) {
       const key = svg("svg", { width: 18, height: 10 });
       key.append(svg("rect", { x: 1, y: 1, width: 16, height: 8, fill: "none", stroke, "stroke-width": 2,
         "stroke-dasharray": dash }));
