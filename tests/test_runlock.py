@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ovdet import runlock
-from ovdet.errors import OutputLockedError, UnreliableLockWarning
+from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
 from ovdet.runlock import LOCK_NAME, lock_output, read_holder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,3 +133,18 @@ def test_a_network_filesystem_is_reported(tmp_path, monkeypatch, fs):
     with pytest.warns(UnreliableLockWarning, match=f"{fs} filesystem.*may not be seen by other machines"):
         with lock_output(tmp_path / "out") as lock:
             assert not lock.reliable and lock.fs_type == fs
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo", "folder"])
+def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused_untouched(tmp_path, plant):
+    out, victim = tmp_path / "out", tmp_path / "authorized_keys"
+    out.mkdir()
+    victim.write_text("ssh-ed25519 AAAA me\n")
+    {"symlink": lambda p: p.symlink_to(victim), "hardlink": lambda p: os.link(victim, p), "fifo": os.mkfifo,
+     "folder": os.mkdir}[plant](out / LOCK_NAME)
+    assert read_holder(out) is None  # not read through either
+    with pytest.raises(DatasetError, match=f"refusing to use .*{LOCK_NAME}.*not a plain file of its own"):
+        with lock_output(out):
+            pytest.fail("locked through a planted name")
+    assert victim.read_text() == "ssh-ed25519 AAAA me\n" and os.path.lexists(out / LOCK_NAME)
+    assert not runlock._held  # nothing left half-held

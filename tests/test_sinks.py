@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -14,6 +15,7 @@ import supervision as sv
 import yaml
 
 from ovdet.errors import DatasetError
+from ovdet.safeio import ensure_dir
 from ovdet.sinks import (
     CocoWriter,
     ImageRecord,
@@ -22,7 +24,9 @@ from ovdet.sinks import (
     VocWriter,
     YoloWriter,
     atomic_link,
+    atomic_open,
     atomic_write,
+    checked_image_record,
     read_journal,
     remove_stale_temp_files,
     repair_journal,
@@ -71,6 +75,84 @@ def test_atomic_link_points_to_target_and_can_be_replaced(tmp_path):
     assert no_temp_files(tmp_path)
 
 
+# ------------------------------------------------------------------ never through a link
+
+
+def test_temporary_name_is_random_and_created_exclusively(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".f.json.aaaa.ovdet-tmp").symlink_to(victim)  # planted where the first draw lands
+    with mock.patch("ovdet.safeio.secrets.token_hex", side_effect=["aaaa", "bbbb"]):
+        with atomic_open(out / "f.json", "w") as fh:
+            assert sorted(os.listdir(out)) == [".f.json.aaaa.ovdet-tmp", ".f.json.bbbb.ovdet-tmp"]
+            fh.write("{}")
+    assert victim.read_text() == "mine" and (out / "f.json").read_text() == "{}"
+    with atomic_open(out / "g.json") as fh:  # unmocked: 16 random hex digits
+        name, = [n for n in os.listdir(out) if n.startswith(".g.json.")]
+        assert re.fullmatch(r"\.g\.json\.[0-9a-f]{16}\.ovdet-tmp", name)
+        fh.write(b"{}")
+
+
+def test_a_link_at_the_final_name_is_replaced_not_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_path / "f.json").symlink_to(victim)
+    atomic_write(tmp_path / "f.json", "{}")
+    assert victim.read_text() == "mine" and not (tmp_path / "f.json").is_symlink()
+
+
+def test_a_link_anywhere_below_the_root_is_refused(tmp_path):
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (elsewhere / "b").mkdir(parents=True)
+    root.mkdir()
+    (root / "a").symlink_to(elsewhere, target_is_directory=True)
+    for write in (lambda: atomic_write(root / "a" / "b" / "f.txt", "x", root=root),
+                  lambda: ensure_dir(root / "a" / "b" / "c", root),
+                  lambda: atomic_link(__file__, root / "a" / "b" / "l.py", root=root)):
+        with pytest.raises(DatasetError, match=r"a symbolic link \(to .*elsewhere\)"):
+            write()
+    assert [p.name for p in elsewhere.rglob("*")] == ["b"]
+    atomic_write(root / "a" / "b" / "f.txt", "x", root=root / "a")  # the root itself may be the user's link
+    assert (elsewhere / "b" / "f.txt").read_text() == "x"
+
+
+def test_stale_temporary_files_are_removed_without_following_links(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    out = tmp_path / "out"
+    (out / ".d.ovdet-tmp").mkdir(parents=True)  # not a file: left alone
+    (out / ".f.json.0123456789abcdef.ovdet-tmp").write_text("torn")
+    (out / ".l.jpg.99.ovdet-tmp").symlink_to(victim)
+    (out / "keep.ovdet-tmp").write_text("not hidden: not ours")
+    assert remove_stale_temp_files(out) == 2
+    assert sorted(os.listdir(out)) == [".d.ovdet-tmp", "keep.ovdet-tmp"] and victim.read_text() == "mine"
+    assert remove_stale_temp_files(tmp_path / "missing") == 0
+
+
+def test_only_regular_files_are_linked(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jpg")
+    for target in (tmp_path / "fifo.jpg", tmp_path):
+        with pytest.raises(DatasetError, match="not a regular file"):
+            atomic_link(target, tmp_path / "x.jpg")
+    assert not os.path.lexists(tmp_path / "x.jpg") and no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
+def test_journal_that_is_not_a_plain_file_of_its_own_is_never_written(tmp_path, plant):
+    victim = tmp_path / "victim.jsonl"
+    victim.write_bytes(b'{"i": 0}\n{"torn')
+    path = tmp_path / "j.jsonl"
+    {"symlink": lambda: path.symlink_to(victim), "hardlink": lambda: os.link(victim, path),
+     "fifo": lambda: os.mkfifo(path)}[plant]()
+    with pytest.raises(DatasetError, match="not a plain file"):
+        repair_journal(path)  # a FIFO: refused at once, no hang
+    with pytest.raises(DatasetError, match="not a plain file"):
+        Journal(path)
+    assert victim.read_bytes() == b'{"i": 0}\n{"torn'
+
+
 # ------------------------------------------------------------------ journal
 
 
@@ -112,6 +194,34 @@ def test_damage_before_the_last_line_is_refused(tmp_path):
 
 def test_repair_of_missing_journal(tmp_path):
     assert repair_journal(tmp_path / "none.jsonl") == 0
+
+
+def test_a_line_that_is_not_json_is_a_dataset_error(tmp_path):
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"i": 0}\n{"i": \xff}\n')
+    with pytest.raises(DatasetError, match="line 2 is not a JSON record"):
+        list(read_journal(path))
+
+
+GOOD = {"image": "a.jpg", "path": "/data/a.jpg", "key": "a", "width": 8, "height": 6,
+        "detections": [{"class_id": 1, "class_name": "b", "score": 0.5, "bbox": [0, 0, 4, 3]}],
+        "gt": [{"class_id": 0, "bbox": [1, 1, 2, 2]}]}
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("image", 3, "'image' is not"), ("path", "a\0b", "'path' is not"), ("key", "\ud800", "'key' is not"),
+    ("key", "k" * 260, "too long"), ("width", 0, "'width'"), ("height", True, "'height'"),
+    ("detections", None, "'detections' is not a list"),
+    ("detections", [{"class_id": 2, "score": 0.5, "bbox": [0, 0, 1, 1]}], "class_id"),
+    ("detections", [{"class_id": -1, "score": 0.5, "bbox": [0, 0, 1, 1]}], "class_id"),
+    ("detections", [{"class_id": 0, "score": float("nan"), "bbox": [0, 0, 1, 1]}], "score"),
+    ("detections", [{"class_id": 0, "score": 0.5, "bbox": [0, 0, 1e999, 1]}], "bbox"),
+    ("gt", [{"class_id": 0, "bbox": [0, 0, 1]}], "bbox"),
+])
+def test_image_records_are_checked_field_by_field(field, value, words):
+    assert checked_image_record(GOOD, 2) is GOOD
+    with pytest.raises(DatasetError, match=re.escape(words)):
+        checked_image_record({**GOOD, field: value}, 2)
 
 
 # ------------------------------------------------------------------ records and formats
