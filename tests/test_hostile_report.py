@@ -143,7 +143,7 @@ def test_policy_allows_only_the_page_own_script_and_style_by_hash(tmp_path):
     assert policy["default-src"] == ["'none'"]
     assert policy["script-src"] == [_sha256(scripts[0])]  # fails if render() changes the script, not the hash
     assert policy["style-src"] == [_sha256(styles[0])]
-    assert sorted(policy["img-src"]) == ["'self'", "data:"]
+    assert sorted(policy["img-src"]) == ["'self'", "data:", "file:"]
     assert policy["base-uri"] == ["'none'"] and policy["form-action"] == ["'none'"]
     assert policy["require-trusted-types-for"] == ["'script'"]
     # nothing else may load, connect or embed: those directives fall back to default-src 'none'

@@ -47,7 +47,7 @@ def _sha256(text: str) -> str:
 
 
 def _policy(script: str, style: str) -> str:
-    """The page's Content-Security-Policy: its own inline script and style (by hash) and local or data: images.
+    """The page's Content-Security-Policy: its own inline script and style (by hash); images: local and data:.
 
     Nothing else: no other script, no inline handler or style attribute, no fetch, frame, object, font, base or
     form target, and Trusted Types make a string written to innerHTML and the like throw. A run folder's text
@@ -55,7 +55,9 @@ def _policy(script: str, style: str) -> str:
     """
     return "; ".join([
         "default-src 'none'", f"script-src {_sha256(script)}", f"style-src {_sha256(style)}",
-        "img-src 'self' data:", "base-uri 'none'", "form-action 'none'",
+        # file: too: a report opened from disk has an opaque origin, and only some browsers let 'self' match
+        # the thumbnails and images beside it then (Chromium does); images cannot run or send anything
+        "img-src 'self' data: file:", "base-uri 'none'", "form-action 'none'",
         "require-trusted-types-for 'script'", "trusted-types 'none'"])
 
 
