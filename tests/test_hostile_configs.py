@@ -299,8 +299,8 @@ def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tm
                                                                              tiny_text_encoder):
     import ovdet.world as world
 
-    path = tmp_path / "big.pt"
-    torch.save({"model": random_world_model(), "train_args": {"imgsz": 40000}}, path)
+    path, model = tmp_path / "big.pt", random_world_model()
+    torch.save({"model": model, "train_args": {"imgsz": 40000}}, path)
     sizes = []
 
     def letterbox(new_shape, **kw):  # records each size; never makes a huge one, even if the cap were broken
@@ -319,12 +319,13 @@ def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tm
     with pytest.raises(ModelError, match="imgsz 40000"):
         det.detect(np.zeros((64, 64, 3), np.uint8), imgsz=40000)
     assert sizes == [(640, 640)]  # refused before a letterbox was made
-    for claimed in ([1280, 40000], "640; x", -1):
-        torch.save({"model": random_world_model(), "train_args": {"imgsz": claimed}}, path)
+    from ovdet.world import checkpoint_imgsz
+
+    for claimed in ([1280, 40000], "640; x", -1, True):
         with pytest.warns(OVDetWarning, match="imgsz"):
-            assert WorldDetector.load(path, device="cpu").train_imgsz == 640
-    torch.save({"model": random_world_model(), "train_args": {"imgsz": [1280, 960]}}, path)
-    assert WorldDetector.load(path, device="cpu").train_imgsz == 1280
+            assert checkpoint_imgsz({"train_args": {"imgsz": claimed}}, path) == 640
+    assert checkpoint_imgsz({"train_args": {"imgsz": [1280, 960]}}, path) == 1280
+    assert checkpoint_imgsz({"train_args": {}}, path) == checkpoint_imgsz({}, path) == 640
 
 
 def test_cli_trust_data_reaches_train(monkeypatch, tmp_path):
