@@ -32,7 +32,8 @@ ACTIVATIONS: dict[str, type[torch.nn.Module]] = {name: getattr(torch.nn, name) f
     "SiLU", "ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "Hardswish", "Hardsigmoid", "Mish",
     "Sigmoid", "Tanh", "Identity")}
 _ACTIVATION_ARG = frozenset({"LeakyReLU", "ELU", "CELU"})
-_ACTIVATION = re.compile(r"^\s*(?:torch\.)?nn\.([A-Za-z_]\w*)\(\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)?\s*\)\s*$")
+_ACTIVATION = re.compile(r"^\s*(?:torch\.)?nn\.([A-Za-z_]\w*)\("
+                         r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)?\s*\)\s*$")
 # String arguments: `nc` (parse_model substitutes the class count) and literals parse_model reads as such.
 ARG_NAMES = frozenset({"nc"})
 ARG_STRINGS = frozenset({"None", "True", "False", "nearest", "nearest-exact", "linear", "bilinear", "bicubic",
@@ -49,11 +50,12 @@ MAX_GAIN = 4.0  # depth/width multiples (at most 1.25)
 MAX_SMALL = 16  # the arguments after the first of these layers: kernel, stride, padding, groups, upsample factor
 _SMALL_AFTER_FIRST = frozenset({"Conv", "SPPF", "nn.Upsample"})
 
-_LITERAL = (int, float, str, bool, type(None))
+_LITERAL = (int, float, str, bool, type(None))  # plain values (also what checkpoint metadata may keep as is)
 _BUILD_LOCK = threading.Lock()  # Conv.default_act is process-wide state
 
 
 def _unsafe(source: str, what: str, hint: str) -> WeightsUnsafeError:
+    what = what if len(what) <= 400 else what[:400] + "..."  # a crafted value may be megabytes long
     return WeightsUnsafeError(
         f"{source}: its model config {what}; a YOLO-World config never does (ultralytics would run or build what it "
         "names), so nothing was built from it. Use an ultralytics YOLO-World config (yolov8{s,m,l,x}-world.yaml or "
@@ -127,8 +129,8 @@ def check_model_config(cfg: Any, source: str, hint: str = "") -> dict[str, Any]:
     code that evals it evals a string ovdet wrote. `yaml_file` is dropped. `hint` ends the error messages.
     """
     if not isinstance(cfg, dict) or not isinstance(cfg.get("backbone"), list) or not isinstance(cfg.get("head"), list):
-        raise WeightsCorruptError(f"{source}: the model config is not an ultralytics YOLO-World config "
-                                  "(no backbone/head lists). Convert the checkpoint again with `ovdet weights convert`.")
+        raise WeightsCorruptError(f"{source}: the model config is not an ultralytics YOLO-World config (no "
+                                  "backbone/head lists). Convert the checkpoint again with `ovdet weights convert`.")
     for key in cfg:
         if key not in KEYS:
             raise _unsafe(source, f"has the key {key!r} (value {cfg[key]!r}); allowed: {sorted(KEYS)}", hint)
