@@ -87,7 +87,7 @@ def _refuse_torchscript(archive: TorchArchive) -> None:
 def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """The object saved in a torch checkpoint (a zip), unpickled with only ALLOWED_GLOBALS; CPU tensors.
 
-    Raises WeightsUnsafeError naming the first global outside the allowlist, for TorchScript, and for a zip that
+    Raises WeightsUnsafeError naming the globals outside the allowlist, for TorchScript, and for a zip that
     Python's and PyTorch's readers see differently (nothing from the file has run); WeightsCorruptError for a
     damaged, non-torch or legacy (pre-zip) file and for one that would expand past the size bound.
     `trust=True` loads with plain torch.load: it runs code.
@@ -97,13 +97,10 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
         return _torch_load(path)
     with _opened(path) as archive:
         _refuse_torchscript(archive)
-        names = sorted(_globals(archive, "data.pkl") - ALLOWED_GLOBALS)
-        if names:
-            raise _unsafe(path, names)
         try:
             return unpickle_checkpoint(archive)
-        except Refused as exc:  # the scan above should have caught it; the unpickler is the last word
-            raise _unsafe(path, [exc.name]) from None
+        except Refused as exc:  # named by the scan before unpickling, or by the unpickler itself
+            raise _unsafe(path, exc.names) from None
 
 
 def world_model_of(ckpt: Any, path: Path) -> Any:

@@ -56,21 +56,27 @@ _KEY = re.compile(r"[0-9]{1,12}")  # torch.save names storages data/0, data/1, .
 
 
 class Refused(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allowlist; `name` is module.name as the file spells it."""
+    """A pickle asks for globals outside the allowlist; `names` are module.name as the file spells them."""
 
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
 
 
 def scan_globals(data: bytes) -> set[str]:
-    """Every global (module.name) a pickle names, read opcode by opcode without unpickling anything."""
+    """Every global (module.name) a pickle names, read opcode by opcode without unpickling anything.
+
+    Raises ValueError for a malformed pickle, and for a memo index beyond the pickle's length: CPython's unpickler
+    grows its memo table to twice the index it is given, so one 5-byte LONG_BINPUT could make it fill 64 GB.
+    """
     found = set()
     for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
         if opcode.name in ("GLOBAL", "INST"):
             found.add(str(arg).replace(" ", "."))
         elif opcode.name == "STACK_GLOBAL":
             found.add("<computed global>")  # torch never writes one; never in the allowlist
+        elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > len(data):
+            raise ValueError(f"memo index {arg} in a {len(data)}-byte pickle")
     return found
 
 
@@ -113,7 +119,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         full_name = f"{module}.{name}"
         if full_name not in ALLOWED_GLOBALS:
-            raise Refused(full_name)
+            raise Refused([full_name])
         if module == "torch" and name.endswith("Storage"):
             return _StorageType(torch.serialization.StorageType(name).dtype)
         if full_name == "torch._utils._rebuild_tensor_v2":
@@ -162,10 +168,19 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def unpickle_checkpoint(archive: TorchArchive) -> Any:
-    """The object in `archive`'s data.pkl (its storages from data/N); raises Refused or WeightsCorruptError."""
-    unpickler = RestrictedUnpickler(archive.read("data.pkl"), archive)
+    """The object in `archive`'s data.pkl (its storages from data/N). Raises Refused naming every global outside
+    the allowlist (found by a scan before anything is unpickled; the unpickler refuses them too), and
+    WeightsCorruptError for a damaged pickle."""
+    data = archive.read("data.pkl")
     try:
-        return unpickler.load()
+        refused = sorted(scan_globals(data) - ALLOWED_GLOBALS)
+    except (ValueError, EOFError) as exc:  # pickletools: unknown opcode, truncated argument; our memo bound
+        raise WeightsCorruptError(f"{archive.source}: its pickle is damaged ({exc}). Download it again, or import a "
+                                  "good copy with `ovdet weights import PATH`.") from exc
+    if refused:
+        raise Refused(refused)
+    try:
+        return RestrictedUnpickler(data, archive).load()
     except (Refused, WeightsCorruptError):
         raise
     except Exception as exc:  # a damaged pickle fails in many ways (bad opcode, wrong arguments, bad BUILD state)

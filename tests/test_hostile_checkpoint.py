@@ -178,13 +178,13 @@ class _System:
 def test_the_unpickler_itself_refuses_globals_outside_the_allowlist(tmp_path, monkeypatch):
     """With the opcode pre-scan switched off, the restricted unpickler is what stands between the file and
     os.system: it must refuse on its own."""
-    import ovdet.checkpoint
+    import ovdet.safepickle
 
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     torch.save({"model": _System(marker), "train_args": {}}, path)
     scans = []
-    monkeypatch.setattr(ovdet.checkpoint, "scan_globals", lambda data: scans.append(len(data)) or set())
+    monkeypatch.setattr(ovdet.safepickle, "scan_globals", lambda data: scans.append(len(data)) or set())
     with pytest.raises(WeightsUnsafeError) as exc:
         load_checkpoint(path)
     assert scans, "the pre-scan was bypassed"
@@ -230,11 +230,7 @@ def test_a_zip_bomb_is_refused_fast_with_bounded_memory(tmp_path):
     assert path.stat().st_size < 1 << 20
     with zipfile.ZipFile(path) as z:  # a well-formed zip that really expands to 512 MiB
         assert sum(info.file_size for info in z.infolist()) > 512 << 20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _peak_rss_mb()
-    except OSError:
-        before = None  # not Linux: the refusal and its speed are still checked
+    before = _reset_peak_rss()  # None where not Linux: the refusal and its speed are still checked
     start = time.perf_counter()
     with pytest.raises(WeightsCorruptError, match="zip bomb") as exc:
         load_checkpoint(path)
@@ -242,6 +238,30 @@ def test_a_zip_bomb_is_refused_fast_with_bounded_memory(tmp_path):
     grown = None if before is None else _peak_rss_mb() - before
     assert int(re.search(r"expand to (\d+) bytes", str(exc.value)).group(1)) >= 512 << 20
     assert seconds < 2 and (grown is None or grown < 200), (seconds, grown)
+
+
+def _reset_peak_rss() -> float | None:
+    """Reset Linux's peak-RSS mark (VmHWM) and return it in MB; None where that cannot be done."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _peak_rss_mb()
+    except OSError:
+        return None
+
+
+def test_a_memo_index_far_beyond_the_pickle_is_refused_before_unpickling(tmp_path):
+    """CPython's unpickler grows its memo table to twice a PUT's index: 5 bytes (LONG_BINPUT 2**26) would make it
+    fill 1 GB, 2**32 would fill 64 GB. The pickle scan refuses an index past the pickle's length first."""
+    small = io.BytesIO()
+    torch.save({}, small)
+    entries = _entries(small.getvalue())
+    bomb = b"\x80\x02}r" + struct.pack("<L", 1 << 26) + b"."
+    path = tmp_path / "memo.pt"
+    path.write_bytes(_zip([(name, bomb if name.endswith("/data.pkl") else data) for name, data in entries]))
+    before = _reset_peak_rss()
+    with pytest.raises(WeightsCorruptError, match=f"memo index {1 << 26} in a 9-byte pickle"):
+        load_checkpoint(path)
+    assert before is None or _peak_rss_mb() - before < 200
 
 
 def test_the_absolute_size_bound_is_settable(tmp_path, monkeypatch):
@@ -273,3 +293,78 @@ def test_zips_that_readers_could_see_differently_are_refused(tmp_path, damage):
     path.write_bytes(data)
     with pytest.raises((WeightsCorruptError, WeightsUnsafeError)):
         load_checkpoint(path)
+
+
+FUZZ_CASES = 300  # ~15 s on two busy cores: most end early in the zip checks, ~15% load the whole model
+
+
+def _demo_layout(data: bytes) -> tuple[range, range, list[int]]:
+    """Where the demo checkpoint's data.pkl bytes lie, where its zip directory and end records lie, and the
+    offsets of its local headers: the bytes a loader parses (the rest are tensor values)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        infos = z.infolist()
+    pkl = next(info for info in infos if info.filename.endswith("/data.pkl"))
+    name_len, extra_len = struct.unpack("<2H", data[pkl.header_offset + 26:pkl.header_offset + 30])
+    start = pkl.header_offset + 30 + name_len + extra_len
+    directory = struct.unpack("<L", data[-6:-2])[0]
+    return range(start, start + pkl.file_size), range(directory, len(data)), [i.header_offset for i in infos]
+
+
+def mutations(data: bytes, seed: int, count: int):
+    """`count` seeded byte-level mutations of `data`: (what was done, the mutated bytes). Flips, 32-bit field
+    overwrites and splices land in the pickle (45%), the zip directory (30%), a local header (20%) or anywhere."""
+    rng = random.Random(seed)
+    pickle_bytes, directory, headers = _demo_layout(data)
+
+    def where() -> int:
+        roll = rng.random()
+        if roll < 0.45:
+            return rng.choice(pickle_bytes)
+        if roll < 0.75:
+            return rng.choice(directory)
+        return rng.choice(headers) + rng.randrange(30) if roll < 0.95 else rng.randrange(len(data))
+
+    for _ in range(count):
+        mutated, kind = bytearray(data), rng.choice(["flip", "flip", "flip", "field", "splice", "truncate"])
+        if kind == "flip":
+            spots = [where() for _ in range(rng.randint(1, 4))]
+            for at in spots:
+                mutated[at] ^= rng.randrange(1, 256)
+        elif kind == "field":
+            spots = [where()]
+            mutated[spots[0]:spots[0] + 4] = rng.choice([b"\xff" * 4, b"\0" * 4, rng.randbytes(4)])
+        elif kind == "splice":
+            length, spots = rng.randint(1, 64), [where(), where()]
+            mutated[spots[1]:spots[1] + length] = data[spots[0]:spots[0] + length]
+        else:
+            spots = [rng.randrange(len(data)) if rng.random() < 0.5 else rng.choice(directory)]
+            del mutated[spots[0]:]
+        yield f"{kind} at {spots}", bytes(mutated)
+
+
+def test_mutated_demo_checkpoints_load_or_fail_with_an_ovdet_error(tmp_path):
+    """FUZZ_CASES mutations of the demo model, each read by load_checkpoint + world_model_of: every one gives a
+    model or an OVDetError, never another exception, memory stays bounded, and nothing is written anywhere."""
+    home = Path(os.environ["OVDET_HOME"])
+    before = tree_digest(home)
+    path = tmp_path / "mutated.pt"
+    outcomes, unexpected = {"model": 0, "refused": 0}, []
+    threads, peak_before = torch.get_num_threads(), _reset_peak_rss()
+    torch.set_num_threads(1)  # converting the model is 10x slower with threads on busy cores
+    try:
+        for what, data in mutations(DEMO_FILE.read_bytes(), seed=18, count=FUZZ_CASES):
+            path.write_bytes(data)
+            try:
+                world_model_of(load_checkpoint(path), path)
+                outcomes["model"] += 1
+            except OVDetError:
+                outcomes["refused"] += 1
+            except Exception as exc:  # the failure this test looks for: report every one, with how to repeat it
+                unexpected.append(f"{what}: {type(exc).__name__}: {exc}")
+    finally:
+        torch.set_num_threads(threads)
+    assert not unexpected, "\n".join(unexpected[:10])
+    # one mutated memo index made CPython's unpickler fill 22 GB before the pickle scan bounded it
+    assert peak_before is None or _peak_rss_mb() - peak_before < 1024, _peak_rss_mb() - peak_before
+    assert outcomes["model"] > 10 and outcomes["refused"] > FUZZ_CASES // 2, outcomes
+    assert [p.name for p in tmp_path.iterdir()] == ["mutated.pt"] and tree_digest(home) == before
