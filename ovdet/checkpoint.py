@@ -23,7 +23,7 @@ import torch
 from ovdet.errors import WeightsCorruptError, WeightsUnsafeError
 from ovdet.modelconfig import _LITERAL, check_model_config
 from ovdet.safepickle import ALLOWED_GLOBALS, Refused, scan_globals, unpickle_checkpoint
-from ovdet.torchzip import TorchArchive, open_archive
+from ovdet.torchzip import TorchArchive, opened
 
 __all__ = ["ALLOWED_GLOBALS", "TEXT_ENCODER_KEY", "TRUST_HINT", "identify_weights", "load_checkpoint",
            "pickle_globals", "world_model_of"]
@@ -35,36 +35,9 @@ TRUST_HINT = ("If you trust this file and where it came from, pass --trust-weigh
               "(Python): that runs code from the file, only for files you trust.")
 
 
-class _opened:
-    """`with _opened(path_or_file) as archive`: the archive checked and opened by ovdet.torchzip."""
-
-    def __init__(self, source: Any):
-        self.source = source
-
-    def __enter__(self) -> TorchArchive:
-        if hasattr(self.source, "read"):
-            self.file, self.close = self.source, False
-            return open_archive(self.file, getattr(self.source, "name", "<file object>"))
-        path = Path(self.source)
-        try:
-            self.file, self.close = open(path, "rb"), True
-        except OSError as exc:
-            raise WeightsCorruptError(f"{path} cannot be read ({exc.strerror or exc}). Check the path and its "
-                                      "permissions.") from exc
-        try:
-            return open_archive(self.file, path)
-        except BaseException:
-            self.file.close()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.close:
-            self.file.close()
-
-
 def pickle_globals(path: Any) -> set[str]:
     """Every global (module.name) the pickles inside a torch zip checkpoint name, read without unpickling."""
-    with _opened(path) as archive:
+    with opened(path) as archive:
         return set().union(*(_globals(archive, name) for name in archive.records if name.endswith(".pkl")))
 
 
@@ -95,7 +68,7 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
     path = Path(path)
     if trust:
         return _torch_load(path)
-    with _opened(path) as archive:
+    with opened(path) as archive:
         _refuse_torchscript(archive)
         try:
             return unpickle_checkpoint(archive)
@@ -170,7 +143,7 @@ def identify_weights(path: str | Path, trust: bool = False) -> str:
         return "detector"
     strings = None
     try:
-        with _opened(path) as archive:
+        with opened(path) as archive:
             if archive.torchscript_marks():
                 strings = {s.rsplit(".", 1)[-1] if "." in s else s for s in _pickle_strings(archive)}
     except (WeightsCorruptError, WeightsUnsafeError):

@@ -106,6 +106,8 @@ def _malformed(source: str, why: str) -> WeightsCorruptError:
 class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only ALLOWED_GLOBALS (anything else raises Refused); storages come from `archive`'s records."""
 
+    allowed: frozenset[str] = ALLOWED_GLOBALS
+
     def __init__(self, data: bytes, archive: TorchArchive):
         super().__init__(io.BytesIO(data))
         self.archive = archive
@@ -118,7 +120,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         full_name = f"{module}.{name}"
-        if full_name not in ALLOWED_GLOBALS:
+        if full_name not in self.allowed:
             raise Refused([full_name])
         if module == "torch" and name.endswith("Storage"):
             return _StorageType(torch.serialization.StorageType(name).dtype)

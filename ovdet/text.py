@@ -185,21 +185,35 @@ def convert_openai_state_dict(sd: Mapping[str, torch.Tensor],
 
 
 def _read_weights_file(path: Path) -> Any:
-    """A TorchScript archive's state dict (OpenAI's format) or a plain `torch.load` object; clear error if neither."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but is OpenAI's file format
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except RuntimeError:  # not a TorchScript archive: try a plain state dict
-        pass
+    """A TorchScript archive's parameters and buffers (OpenAI's format), read without running TorchScript, or a
+    plain torch.save state dict read by torch's weights-only unpickler; a clear error if neither.
+
+    A zip is opened only after ovdet.torchzip's checks (both zip readers agree, bounded size), so torch.load never
+    sees a file that hides a TorchScript program behind a harmless-looking directory; torch.jit.load is not used.
+    """
+    from ovdet.scriptstate import torchscript_state_dict
+    from ovdet.torchzip import opened
+
+    def corrupt(exc: Exception) -> WeightsCorruptError:
+        detail = (str(exc).splitlines() or [""])[0][:300]
+        return WeightsCorruptError(
+            f"{path} ({path.stat().st_size} bytes) is not a readable CLIP weights file: it is truncated, corrupt or "
+            f"not a PyTorch file ({type(exc).__name__}: {detail}). Delete it and download it again, or import a "
+            "good copy with `ovdet weights import PATH`; for a Hugging Face model pass its folder.")
+
+    with path.open("rb") as file:
+        zipped = file.read(4) == b"PK\x03\x04"  # what torch.load looks at to tell a zip from a legacy pickle
+    if zipped:
+        try:
+            with opened(path) as archive:
+                if archive.torchscript_marks():
+                    return torchscript_state_dict(archive)
+        except WeightsCorruptError as exc:
+            raise corrupt(exc) from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling/zip failure means the same thing to the user
-        detail = (str(exc).splitlines() or [""])[0][:160]
-        raise WeightsCorruptError(
-            f"{path} ({path.stat().st_size} bytes) is not a readable CLIP weights file: it is truncated, corrupt or "
-            f"not a PyTorch file ({type(exc).__name__}: {detail}). Delete it and download it again, or import a "
-            "good copy with `ovdet weights import PATH`; for a Hugging Face model pass its folder.") from exc
+        raise corrupt(exc) from exc
 
 
 def _from_pretrained(source: str, what: str, local: bool) -> CLIPTextModelWithProjection:

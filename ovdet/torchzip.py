@@ -81,6 +81,33 @@ class TorchArchive:
             raise _damaged(self.source, f"record {name} cannot be read: {_first_line(exc)}") from exc
 
 
+class opened:
+    """`with opened(path or binary file) as archive`: the archive checked and opened by open_archive; a path is
+    opened here, read through one file handle, and closed on exit."""
+
+    def __init__(self, source: str | Path | IO[bytes]):
+        self.source, self.file = source, None
+
+    def __enter__(self) -> TorchArchive:
+        if hasattr(self.source, "read"):
+            return open_archive(self.source, getattr(self.source, "name", "<file object>"))
+        path = Path(self.source)
+        try:
+            self.file = open(path, "rb")
+        except OSError as exc:
+            raise WeightsCorruptError(f"{path} cannot be read ({exc.strerror or exc}). Check the path and its "
+                                      "permissions.") from exc
+        try:
+            return open_archive(self.file, path)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def open_archive(file: IO[bytes], source: str | Path) -> TorchArchive:
     """Check the zip structure of `file` (an open binary file) and open it with PyTorch's reader.
 
