@@ -35,9 +35,14 @@ _GONE = (errno.ENOENT, errno.ESTALE, errno.ENOTDIR)
 
 
 def _inside(path: str | bytes | None, folder: Path) -> bool:
+    """True for a path in `folder`, and for a bare file name: ovdet's writers name their files relative to the
+    open output folder (dir_fd), so an error names just the file, e.g. `.a.txt.5f3c.ovdet-tmp`."""
     if path is None:
         return False
-    p = os.path.abspath(os.fsdecode(path))
+    name = os.fsdecode(path)
+    if not os.path.isabs(name) and os.sep not in name:
+        return True
+    p = os.path.abspath(name)
     root = os.path.abspath(folder)
     return p == root or p.startswith(root.rstrip(os.sep) + os.sep)
 

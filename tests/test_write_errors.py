@@ -28,7 +28,8 @@ class DiskFull:
 
     Operations: opening a file for writing, each write() on it, os.open for writing, os.write/os.pwrite
     (the first failing one writes half its bytes, as a filling disk does), os.fsync, os.replace, os.symlink,
-    os.link and os.mkdir. Once the disk is "full" it stays full until `free()`.
+    os.link and os.mkdir, with a path or with a name in a folder's fd (dir_fd=), and write() on a file object
+    opened on a counted fd. Once the disk is "full" it stays full until `free()`.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path, fail_at: int | None = None):
@@ -43,16 +44,27 @@ class DiskFull:
         real_open = builtins.open
         this = self
 
-        def ours(path) -> bool:
+        def resolved(path, dir_fd=None) -> str:
+            """The absolute path an operation names, also one given relative to a folder's fd (dir_fd=)."""
+            path = os.fsdecode(path)
+            if dir_fd is not None and not os.path.isabs(path):
+                return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+            return os.path.abspath(path)
+
+        def ours(path, dir_fd=None) -> bool:
             try:
-                p = os.path.abspath(os.fsdecode(path))
-            except TypeError:
+                p = resolved(path, dir_fd)
+            except (TypeError, OSError):
                 return False
             return this.active and (p == this.root or p.startswith(this.root + os.sep))
 
         class File:
-            def __init__(self, fh, path):
-                self._fh, self._path = fh, path
+            def __init__(self, fh, path, fd=None):
+                self._fh, self._path, self._fd = fh, path, fd
+
+            def close(self):
+                this.fds.pop(self._fd, None)  # the fd number may be reused for a file that is not ours
+                self._fh.close()
 
             def write(self, data):
                 if this.hit(f"write {self._path}"):
@@ -65,22 +77,25 @@ class DiskFull:
                 return self
 
             def __exit__(self, *exc):
-                self._fh.close()
+                self.close()
 
             def __getattr__(self, name):
                 return getattr(self._fh, name)
 
         def fake_open(file, mode="r", *args, **kwargs):
+            if isinstance(file, int) and file in this.fds and any(c in mode for c in "wax+"):
+                # a file object on an fd that os.open made (the fd's open was counted): count its writes
+                return File(real_open(file, mode, *args, **kwargs), this.fds[file], file)
             if isinstance(file, int) or not ours(file) or not any(c in mode for c in "wax+"):
                 return real_open(file, mode, *args, **kwargs)
             this.check(f"open {file}", file)
             return File(real_open(file, mode, *args, **kwargs), os.fspath(file))
 
         def fake_os_open(path, flags, *args, **kwargs):
-            if ours(path) and flags & _WRITE_FLAGS:
+            if ours(path, kwargs.get("dir_fd")) and flags & _WRITE_FLAGS:
                 this.check(f"os.open {path}", path)
                 fd = real["open"](path, flags, *args, **kwargs)
-                this.fds[fd] = os.fspath(path)
+                this.fds[fd] = resolved(path, kwargs.get("dir_fd"))
                 return fd
             return real["open"](path, flags, *args, **kwargs)
 
@@ -104,13 +119,13 @@ class DiskFull:
 
         def two_paths(name):
             def fake(src, dst, *args, **kwargs):
-                if ours(dst):
+                if ours(dst, kwargs.get("dst_dir_fd", kwargs.get("dir_fd"))):
                     this.check(f"{name} {dst}", dst)
                 return real[name](src, dst, *args, **kwargs)
             return fake
 
         def fake_mkdir(path, *args, **kwargs):
-            if ours(path):
+            if ours(path, kwargs.get("dir_fd")):
                 this.check(f"mkdir {path}", path)
             return real["mkdir"](path, *args, **kwargs)
 
@@ -175,7 +190,7 @@ def test_every_write_site_fails_cleanly_and_resumes_exactly_once(world, tmp_path
         run(src, tmp_path / "count")
     total = len(counter.ops)
     kinds = {op.split(" ")[0] for op in counter.ops}
-    assert total > 30 and kinds >= {"mkdir", "os.open", "pwrite", "write", "open", "replace", "symlink", "fsync"}
+    assert total > 30 and kinds >= {"mkdir", "os.open", "pwrite", "write", "replace", "symlink", "fsync"}
     for k in range(total):
         out = tmp_path / f"out{k}"
         with monkeypatch.context() as mp:
@@ -202,7 +217,8 @@ def test_cli_prints_one_clear_line_without_traceback(world, tmp_path, monkeypatc
     real_symlink = os.symlink
 
     def full(target, link, *a, **k):
-        if "images" in str(link):
+        folder = os.readlink(f"/proc/self/fd/{k['dir_fd']}") if k.get("dir_fd") is not None else ""
+        if "images" in os.path.join(folder, str(link)):
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(link))
         return real_symlink(target, link, *a, **k)
 
