@@ -152,8 +152,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         source = self.archive.source
         if not isinstance(storage, torch.storage.TypedStorage) or hooks or metadata:
             raise _malformed(source, "not a storage of this archive, or with hooks or metadata")
-        ints = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else (None,)
-        if len(size) != len(stride) or not all(type(v) is int and v >= 0 for v in ints):
+        if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+                and all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
             raise _malformed(source, f"size {str(size)[:60]}, stride {str(stride)[:60]}, offset {str(offset)[:20]}")
         elements = storage._untyped_storage.nbytes() // torch._utils._element_size(storage.dtype)
         if offset + math.prod(size) > elements:

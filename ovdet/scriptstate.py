@@ -98,9 +98,9 @@ def torchscript_state_dict(archive: TorchArchive) -> dict[str, torch.Tensor]:
             raise Refused(refused)
         root = _ScriptUnpickler(data, archive).load()
     except Refused as exc:
-        raise WeightsUnsafeError(f"{archive.source} was refused: its TorchScript pickle names {', '.join(exc.names[:5])}"
-                                 ", which a TorchScript model's weights never need. Nothing from it was run.",
-                                 names=exc.names) from None
+        raise WeightsUnsafeError(f"{archive.source} was refused: its TorchScript pickle names "
+                                 f"{', '.join(exc.names[:5])}, which a TorchScript model's weights never need. "
+                                 "Nothing from it was run.", names=exc.names) from None
     except WeightsCorruptError:
         raise
     except Exception as exc:  # a damaged pickle fails in many ways

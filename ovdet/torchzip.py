@@ -28,7 +28,7 @@ DEFAULT_MAX_BYTES = 4 << 30
 MAX_RATIO = 20
 # Records that only TorchScript (torch.jit.save) writes: torch.load hands such an archive to torch.jit.load, which
 # runs the program inside. torch.save writes data.pkl, data/N, version, byteorder and a few .format/.data files.
-TORCHSCRIPT_MARKS = ("constants.pkl", "bytecode.pkl", "code/", "constants/", "extra/", ".data/version")
+TORCHSCRIPT_MARKS = ("constants.pkl", "bytecode.pkl", "code/", "constants/", "extra/")
 
 _EOCD, _EOCD64, _LOCATOR = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 _LOCAL = b"PK\x03\x04"
@@ -76,7 +76,8 @@ class TorchArchive:
             found = "is missing" if name not in self.sizes else f"holds {self.sizes[name]} bytes"
             raise _damaged(self.source, f"its pickle asks for {nbytes} bytes from {name}, which {found}")
         try:
-            return self._reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)._typed_storage()._untyped_storage
+            tensor = self._reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)
+            return tensor._typed_storage()._untyped_storage
         except RuntimeError as exc:
             raise _damaged(self.source, f"record {name} cannot be read: {_first_line(exc)}") from exc
 

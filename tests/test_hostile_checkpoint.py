@@ -317,6 +317,29 @@ def test_a_zip_bomb_is_refused_fast_with_bounded_memory(tmp_path):
     assert seconds < 2 and (grown is None or grown < 200), (seconds, grown)
 
 
+def test_big_endian_archives_load_the_same_values_as_torch_load(tmp_path):
+    """The reader honours the archive's byteorder record as torch.load does (storages are swapped on load)."""
+    values = {"a": torch.arange(6, dtype=torch.float32) / 3, "b": torch.arange(4, dtype=torch.int64) * 1000}
+    little = io.BytesIO()
+    torch.save(values, little)
+    entries = _entries(little.getvalue())
+    sizes = {name: 4 if name.endswith("/data/0") else 8 for name, _ in entries if "/data/" in name}
+
+    def swapped(name: str, data: bytes) -> bytes:
+        if name.endswith("/byteorder"):
+            return b"big"
+        if name in sizes:
+            width = sizes[name]
+            return b"".join(data[i:i + width][::-1] for i in range(0, len(data), width))
+        return data
+
+    path = tmp_path / "big.pt"
+    path.write_bytes(_zip([(name, swapped(name, data)) for name, data in entries]))
+    ours, theirs = load_checkpoint(path), torch.load(path, weights_only=True)
+    for key, tensor in values.items():
+        assert torch.equal(ours[key], tensor) and torch.equal(theirs[key], tensor), key
+
+
 def _reset_peak_rss() -> float | None:
     """Reset Linux's peak-RSS mark (VmHWM) and return it in MB; None where that cannot be done."""
     try:
