@@ -4,13 +4,13 @@ torch.jit.load compiles the archive's code/ and runs the __setstate__ methods it
 overwrite any file the user can write (torch.from_file(..., shared=True)). Here data.pkl is unpickled by
 ovdet.safepickle's unpickler (bytes from PyTorch's zip reader, after ovdet.torchzip's checks) in which every
 `__torch__.*` class is an inert attribute holder; which attributes are parameters and buffers is read from the class
-definitions in code/, parsed with `ast` and never run; the holders are then walked as Module.state_dict walks
+definitions in code/, read as text and never compiled; the holders are then walked as Module.state_dict walks
 modules. The result equals `torch.jit.load(path).state_dict()`.
 """
 
 from __future__ import annotations
 
-import ast
+import re
 from typing import Any
 
 import torch
@@ -59,26 +59,30 @@ class _ScriptUnpickler(RestrictedUnpickler):
         return self._classes[qualname]
 
 
+_CLASS = re.compile(r"^class (\w+)\(")
+_LIST = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
+
+
 def _module_classes(archive: TorchArchive) -> dict[str, tuple[list[str], list[str]]]:
-    """{qualified class name: (parameter names, buffer names)} for each module class defined in code/."""
-    classes = {}
+    """{qualified class name: (parameter names, buffer names)} for each module class defined in code/.
+
+    TorchScript prints each module class as `class Name(Module):` followed by `__parameters__ = ["a", "b", ]` and
+    `__buffers__ = [...]` lines; those lines are read as text (nothing is compiled, so the reader does not depend
+    on the code being valid Python of this version).
+    """
+    classes: dict[str, tuple[list[str], list[str]]] = {}
     for record in archive.records:
         if not (record.startswith("code/__torch__") and record.endswith(".py")):
             continue
         module = "__torch__" + record[len("code/__torch__"):-len(".py")].replace("/", ".")
-        try:
-            tree = ast.parse(archive.read(record).decode("utf-8"), filename=record)
-        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-            raise WeightsCorruptError(f"{archive.source}: its TorchScript code {record} cannot be parsed "
-                                      f"({type(exc).__name__}). The file is damaged: download it again.") from exc
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            lists = {target.id: [elt.value for elt in stmt.value.elts if isinstance(elt, ast.Constant)]
-                     for stmt in node.body if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.List)
-                     for target in stmt.targets if isinstance(target, ast.Name)}
-            if "__parameters__" in lists:
-                classes[f"{module}.{node.name}"] = (lists["__parameters__"], lists.get("__buffers__", []))
+        current = None
+        for line in archive.read(record).decode("utf-8", errors="replace").splitlines():
+            if match := _CLASS.match(line):
+                current = f"{module}.{match.group(1)}"
+            elif current and (match := _LIST.match(line)):
+                params, buffers = classes.setdefault(current, ([], []))
+                (params if match.group(1) == "__parameters__" else buffers).extend(re.findall(r'"([^"]*)"',
+                                                                                             match.group(2)))
     return classes
 
 
