@@ -1,4 +1,4 @@
-"""Checkpoints that cannot run code: the allowlist, refusals on every load path, trust, safetensors pairs."""
+"""Checkpoints that cannot run code: allowlist, refusals on every load path, trust, safetensors, TorchScript as data."""
 
 from __future__ import annotations
 
@@ -263,3 +263,69 @@ def test_published_sha256_is_checked_on_load_and_cached(monkeypatch, tmp_path):
     with pytest.raises(WeightsCorruptError):
         w.resolve_text_model(None)
     assert len(calls) == 2
+
+
+# ---- OpenAI-format TorchScript text towers, read without TorchScript ------------------------------------------
+
+class Block(torch.nn.Module):
+    """An OpenAI-CLIP residual block; `attn_mask` is a plain tensor attribute, which is no part of the state dict."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, 2)
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))
+        self.attn_mask = torch.full((8, 8), float("-inf")).triu(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Resblocks(torch.nn.Module):
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.resblocks = torch.nn.Sequential(*[Block(width) for _ in range(layers)])
+        self.layers = layers  # an int attribute, kept by torch.jit.script
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
+
+
+class TinyClipText(torch.nn.Module):
+    """OpenAI CLIP's text tower layout at toy size, scripted (not traced) so every kind of attribute is saved."""
+
+    def __init__(self, width: int = 16, layers: int = 2):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(50, width)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(8, width))
+        self.transformer = Resblocks(width, layers)
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.randn(width, 12))
+        self.register_buffer("logit_scale", torch.tensor(4.6))
+        self.shape = [8, width]  # a list attribute
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.ln_final(self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+
+
+def test_torchscript_clip_weights_are_read_without_torchscript_and_equal_jit_loads(tmp_path, monkeypatch):
+    from ovdet.scriptstate import torchscript_state_dict
+    from ovdet.torchzip import opened
+
+    torch.manual_seed(0)
+    path = tmp_path / "ViT-tiny.pt"
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.script(TinyClipText().half()), str(path))  # OpenAI's files are fp16
+        reference = torch.jit.load(str(path)).state_dict()
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    with opened(path) as archive:
+        assert archive.torchscript_marks()
+        ours = torchscript_state_dict(archive)
+    assert list(ours) == list(reference) and "transformer.resblocks.1.attn_mask" not in ours
+    for name, tensor in reference.items():
+        assert ours[name].dtype == tensor.dtype == torch.float16 and torch.equal(ours[name], tensor), name
