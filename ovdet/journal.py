@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -71,9 +70,10 @@ class ImageRecord:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ImageRecord":
-        """From a journal line (see `checked_image_record`: its key names output files)."""
-        dets = checked_image_record(d)["detections"]
+    def from_json(cls, d: dict[str, Any], check: bool = True) -> "ImageRecord":
+        """From a journal line, vetted by `checked_image_record` (its key names output files) unless `check` is False
+        because it already was."""
+        dets = (checked_image_record(d) if check else d)["detections"]
         return cls(
             d["image"], d["path"], d["key"], int(d["width"]), int(d["height"]),
             np.array([x["bbox"] for x in dets], np.float64).reshape(-1, 4),
@@ -203,12 +203,13 @@ def _file_name_text(text: str) -> bool:
     return "\0" not in text
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_BIG = 1 << 53  # beyond this an integer is no pixel coordinate (and a huge one cannot even become a float)
 
 
-def _class_id(v: Any, num_classes: int | None) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v and (num_classes is None or v < num_classes)
+def _finite(v: Any) -> bool:
+    """A JSON number that is a finite float (NaN and infinities fail v - v == 0) or a modest integer; not a bool."""
+    t = type(v)
+    return (t is float and v - v == 0.0) or (t is int and -_BIG < v < _BIG)
 
 
 def _image_record_problem(d: Any, num_classes: int | None) -> str:
@@ -221,19 +222,24 @@ def _image_record_problem(d: Any, num_classes: int | None) -> str:
         return "'key' is too long for a file name"
     for name in ("width", "height"):
         v = d.get(name)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 31:
+        if type(v) is not int or not 0 < v < 1 << 31:
             return f"{name!r} is not a positive whole number"
+    top = _BIG if num_classes is None else num_classes
     for field_name, scored in (("detections", True), ("gt", False)):
         boxes = d.get(field_name, None if scored else [])  # every record has detections; eval records add gt
-        if not isinstance(boxes, list):
+        if type(boxes) is not list:
             return f"{field_name!r} is not a list"
-        for box in boxes:
-            if not isinstance(box, dict) or not _class_id(box.get("class_id"), num_classes):
-                return f"a {field_name!r} entry has no valid class_id (0..{'' if num_classes is None else num_classes - 1})"
-            if scored and not (_number(box.get("score")) and 0 <= box["score"] <= 1):
-                return f"a {field_name!r} entry has a score that is not a number between 0 and 1"
+        for box in boxes:  # a hot loop (COCO rebuilds read the whole journal): plain type() tests
+            c = box.get("class_id") if type(box) is dict else None
+            if type(c) is not int or not 0 <= c < top:
+                return f"a {field_name!r} entry has no valid class_id (0..{top - 1})"
+            if scored:
+                score = box.get("score")
+                if not (_finite(score) and 0 <= score <= 1):
+                    return f"a {field_name!r} entry has a score that is not a number between 0 and 1"
             bbox = box.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_number, bbox)):
+            if type(bbox) is not list or len(bbox) != 4 or not (_finite(bbox[0]) and _finite(bbox[1])
+                                                                 and _finite(bbox[2]) and _finite(bbox[3])):
                 return f"a {field_name!r} entry has a bbox that is not 4 finite numbers"
     return ""
 

@@ -211,7 +211,7 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
                     errors.append({"image": raw["image"], "path": raw["path"], "reason": problem})
                     bar.update(1)
                     continue
-                rec = ImageRecord.from_json(raw)
+                rec = ImageRecord.from_json(raw, check=False)  # run.records() vetted every field
                 keep = (rec.scores > limits[rec.class_ids]) & (id_map[rec.class_ids] >= 0)
                 if min_area > 0:
                     wh = rec.boxes[:, 2:] - rec.boxes[:, :2]

@@ -149,7 +149,7 @@ class YoloWriter:
         folder = self._dirs(self.root)
         with folder.atomic_open("train.txt", "w", encoding="utf-8") as train, \
                 folder.atomic_open("val.txt", "w", encoding="utf-8") as val:
-            for rec in read_journal(journal, end, checked_image_record):
+            for rec in read_journal(journal, end, lambda d: checked_image_record(d, len(self.classes))):
                 fh = val if self.split.is_val(rec["image"]) else train
                 fh.write(f"./images/{rec['key']}{Path(rec['image']).suffix}\n")
 
@@ -277,21 +277,22 @@ class CocoWriter:
         def dump(obj: Any) -> str:
             return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
-        def records() -> Iterator[dict[str, Any]]:
-            return (r for r in read_journal(journal, end, checked_image_record)
-                    if val is None or self.split.is_val(r["image"]) == val)
+        def records(check: Any) -> Iterator[dict[str, Any]]:
+            return (r for r in read_journal(journal, end, check) if val is None or self.split.is_val(r["image"]) == val)
+
+        k = len(self.classes)
 
         with self._dirs(path.parent).atomic_open(path.name, "w", encoding="utf-8") as fh:
             fh.write('{"info":' + dump(self.info) + ',"licenses":[],"categories":'
                      + dump(classes_to_coco_categories(self.classes)) + ',\n"images":[')
-            for image_id, rec in enumerate(records(), 1):
+            for image_id, rec in enumerate(records(lambda d: checked_image_record(d, k)), 1):  # every field vetted
                 entry = {"id": image_id, "file_name": rec["image"], "width": rec["width"], "height": rec["height"]}
                 fh.write(("\n" if image_id == 1 else ",\n") + dump(entry))
             fh.write('],\n"annotations":[')
             # Same fields and 1-based category ids as supervision's detections_to_coco_annotations, plus
             # "score"; built from the journal's plain numbers (this runs over the whole run at each checkpoint).
             ann_id = 0
-            for image_id, rec in enumerate(records(), 1):
+            for image_id, rec in enumerate(records(checked_record), 1):  # the same bytes, vetted by the first pass
                 anns = []
                 for d in rec["detections"]:
                     x1, y1, x2, y2 = d["bbox"]

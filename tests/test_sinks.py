@@ -216,6 +216,9 @@ GOOD = {"image": "a.jpg", "path": "/data/a.jpg", "key": "a", "width": 8, "height
     ("detections", [{"class_id": -1, "score": 0.5, "bbox": [0, 0, 1, 1]}], "class_id"),
     ("detections", [{"class_id": 0, "score": float("nan"), "bbox": [0, 0, 1, 1]}], "score"),
     ("detections", [{"class_id": 0, "score": 0.5, "bbox": [0, 0, 1e999, 1]}], "bbox"),
+    ("detections", [{"class_id": 0, "score": 0.5, "bbox": [0, 0, 10 ** 400, 1]}], "bbox"),
+    ("detections", [{"class_id": 0, "score": 0.5, "bbox": [0, 0, False, 1]}], "bbox"),
+    ("detections", [{"class_id": True, "score": 0.5, "bbox": [0, 0, 1, 1]}], "class_id"),
     ("gt", [{"class_id": 0, "bbox": [0, 0, 1]}], "bbox"),
 ])
 def test_image_records_are_checked_field_by_field(field, value, words):
