@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ovdet.errors import WeightsCorruptError, WeightsUnsafeError
-from ovdet.modelconfig import _LITERAL, check_model_config
+from ovdet.modelconfig import _LITERAL, build_world_model, check_model_config
 from ovdet.safepickle import ALLOWED_GLOBALS, Refused, scan_globals, unpickle_checkpoint
 from ovdet.torchzip import TorchArchive, opened
 
@@ -215,7 +215,6 @@ def load_safetensors_pair(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """A YOLO-World model from NAME.safetensors + NAME.json, and a checkpoint-like dict (train_args, text tower)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from ultralytics.nn.tasks import WorldModel
 
     path = Path(path)
     config = path.with_suffix(".json")
@@ -233,7 +232,7 @@ def load_safetensors_pair(path: str | Path) -> tuple[Any, dict[str, Any]]:
     cfg = check_model_config(meta.get("config"), str(config))
     try:
         with _quiet_ultralytics():
-            model = WorldModel(cfg, nc=cfg.get("nc"), verbose=False)
+            model = build_world_model(cfg, str(config), nc=cfg.get("nc"))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise WeightsCorruptError(f"{config}: the model config does not build a YOLO-World model "
                                   f"({type(exc).__name__}: {exc}). Convert the checkpoint again.") from exc

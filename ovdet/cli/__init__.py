@@ -8,6 +8,7 @@ import sys
 import warnings
 from typing import TextIO
 
+from ovdet.display import shown
 from ovdet.errors import OVDetError, OVDetWarning
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
@@ -43,9 +44,14 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
                   file: TextIO | None = None, line: str | None = None) -> None:
     """ovdet's own warnings as one plain line (others as Python shows them)."""
     if issubclass(category, OVDetWarning):
-        print(f"ovdet: warning: {message}", file=file or sys.stderr)
+        print(f"ovdet: warning: {_lines_shown(message)}", file=file or sys.stderr)
     else:
         print(warnings.formatwarning(message, category, filename, lineno, line), file=file or sys.stderr, end="")
+
+
+def _lines_shown(message: object) -> str:
+    """A message that may quote file or class names, control characters escaped (its own line breaks kept)."""
+    return "\n".join(shown(line) for line in str(message).split("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return int(args._run(args) or 0)
     except OVDetError as exc:
-        print(f"ovdet: error: {exc}", file=sys.stderr)
+        print(f"ovdet: error: {_lines_shown(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ovdet: interrupted", file=sys.stderr)
