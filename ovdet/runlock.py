@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
+from ovdet.safeio import hold_root, release_root
 
 __all__ = ["LOCK_NAME", "RunLock", "filesystem_type", "lock_output", "read_holder"]
 
@@ -281,9 +282,11 @@ def lock_output(folder: str | os.PathLike, command: str | None = None) -> Iterat
     lock = RunLock(folder, lock_path, fd, holder, reliable, fs, created, me)
     with _held_guard:
         _held[key] = lock
+    hold_root(folder)  # writes below the folder check every folder between it and the file (ovdet.safeio)
     try:
         yield lock
     finally:
+        release_root(folder)
         with _held_guard:
             _held.pop(key, None)
         _release(lock)

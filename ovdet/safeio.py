@@ -23,8 +23,8 @@ from typing import IO, Any
 
 from ovdet.errors import DatasetError
 
-__all__ = ["TMP_SUFFIX", "Folder", "atomic_open", "atomic_write", "atomic_link", "ensure_dir", "open_no_follow",
-           "read_no_follow", "remove_stale_temp_files", "not_plain_file"]
+__all__ = ["TMP_SUFFIX", "Folder", "atomic_link", "atomic_open", "atomic_write", "ensure_dir", "hold_root",
+           "not_plain_file", "open_no_follow", "read_no_follow", "release_root", "remove_stale_temp_files"]
 
 TMP_SUFFIX = ".ovdet-tmp"
 # A link that fails for these reasons fails as a copy too: report them instead of trying the next way.
@@ -92,6 +92,27 @@ def _open_chain(folder: Path, root: Path, create: bool) -> int:
         raise
 
 
+# Output folders this process holds (ovdet.runlock registers each while its lock is held): a write below one with no
+# explicit root checks every folder between that output folder and the file, not only the last one.
+_held_roots: list[str] = []
+
+
+def hold_root(folder: str | os.PathLike) -> None:
+    """Make `folder` the default root of writes below it until `release_root(folder)`."""
+    _held_roots.append(os.path.abspath(folder))
+
+
+def release_root(folder: str | os.PathLike) -> None:
+    _held_roots.remove(os.path.abspath(folder))
+
+
+def _default_root(folder: Path) -> Path:
+    """The innermost held output folder containing `folder`, else `folder`'s parent."""
+    text = str(folder)
+    held = [r for r in list(_held_roots) if text == r or text.startswith(r.rstrip(os.sep) + os.sep)]
+    return Path(max(held, key=len)) if held else folder.parent
+
+
 def _tmp_name(name: str) -> str:
     """An unpredictable temporary name beside `name` (remove_stale_temp_files knows its shape)."""
     return f".{name[:200]}.{secrets.token_hex(8)}{TMP_SUFFIX}"
@@ -106,11 +127,15 @@ def _discard(name: str, dir_fd: int) -> None:
 
 
 class Folder:
-    """A folder opened link-free below `root` (default: its parent), created if missing; files go in by name."""
+    """A folder opened link-free below `root`, created if missing; files go in by name.
+
+    `root` defaults to the innermost output folder this process holds (see hold_root) that contains it, else to its
+    parent (then only the folder's own name is checked).
+    """
 
     def __init__(self, folder: str | os.PathLike, root: str | os.PathLike | None = None, create: bool = True):
         self.path = Path(os.path.abspath(folder))
-        self.root = self.path.parent if root is None else Path(os.path.abspath(root))
+        self.root = _default_root(self.path) if root is None else Path(os.path.abspath(root))
         self.fd = _open_chain(self.path, self.root, create)
         self._close = weakref.finalize(self, os.close, self.fd)
 
@@ -212,7 +237,7 @@ class Folder:
 
 
 def ensure_dir(folder: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """Create `folder` and the folders between it and `root` (default: its parent); DatasetError if one is a link."""
+    """Create `folder` and the folders between it and `root` (default: see Folder); DatasetError if one is a link."""
     Folder(folder, root).close()
     return Path(folder)
 
@@ -223,7 +248,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, root: str | os.Pat
     """Open a temporary file that becomes `path` when the block ends without error and is removed otherwise.
 
     Readers only ever see the old or the complete new file, and a write that fails (a full disk) leaves no partial
-    file behind. No link is followed between `root` (default: the file's folder) and the file.
+    file behind. No link is followed between `root` (default: see Folder) and the file.
     """
     path = Path(path)
     with Folder(path.parent, root, create=False) as folder, folder.atomic_open(path.name, mode, **kwargs) as fh:

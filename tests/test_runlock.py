@@ -18,6 +18,7 @@ import pytest
 from ovdet import runlock
 from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
 from ovdet.runlock import LOCK_NAME, lock_output, read_holder
+from ovdet.safeio import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,3 +149,16 @@ def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused_untouched(tm
             pytest.fail("locked through a planted name")
     assert victim.read_text() == "ssh-ed25519 AAAA me\n" and os.path.lexists(out / LOCK_NAME)
     assert not runlock._held  # nothing left half-held
+
+
+def test_while_held_every_write_below_the_folder_checks_the_whole_chain(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (elsewhere / "b").mkdir(parents=True)
+    out.mkdir()
+    (out / "a").symlink_to(elsewhere, target_is_directory=True)
+    with lock_output(out):
+        with pytest.raises(DatasetError, match="symbolic link"):
+            atomic_write(out / "a" / "b" / "f.txt", "x")  # no root given: the held folder is the root
+    assert list((elsewhere / "b").iterdir()) == []
+    atomic_write(out / "a" / "b" / "f.txt", "x")  # not held: only the file's own folder name is checked
+    assert (elsewhere / "b" / "f.txt").read_text() == "x"
