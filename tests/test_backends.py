@@ -131,6 +131,27 @@ def test_demo_model_detects_the_same_on_every_backend(demo_trio):
         assert (demo_trio[name].backend, demo_trio[name].precision) == (name, "fp32")
 
 
+def test_openvino_follows_a_vocabulary_change_that_keeps_the_class_count(demo_trio):
+    """Two classes, then two others: same K, so the same input shape; the new embeddings must still be used."""
+    image = _samples()[0]  # a red circle, two blue squares, a green triangle (and a red triangle)
+    torch_det, ov = demo_trio["torch"], demo_trio["openvino"]
+    assert ov.backend == "openvino"  # explicit backend="openvino", not the auto choice
+    found = []
+    for classes in (["red circle", "blue square"], ["green triangle", "blue square"]):
+        torch_det.set_classes(classes)
+        ov.set_classes(classes)
+        ref, got = torch_det.detect(image, conf=0.25), ov.detect(image, conf=0.25)
+        _assert_same_detections(got, ref)
+        assert list(got.data["class_name"]) == list(ref.data["class_name"])
+        found.append(got)
+    first, second = found
+    assert sorted(first.data["class_name"]) == ["blue square", "blue square", "red circle"]
+    assert sorted(second.data["class_name"]) == ["blue square", "blue square", "green triangle"]
+    # class 0 now names another shape in another place: its box moved
+    assert not np.allclose(first.xyxy[first.class_id == 0], second.xyxy[second.class_id == 0], atol=5)
+    assert ov.world.backend.exports <= 1
+
+
 def test_warm_set_classes_is_instant_on_every_backend(demo_trio, capsys):
     """Measured, not asserted (speed belongs to benchmarks/): printed with -s."""
     for name, det in demo_trio.items():
