@@ -136,3 +136,15 @@ def test_detect_before_set_classes(tiny_world_checkpoint):
     det = OVDetector(tiny_world_checkpoint, device="cpu")
     with pytest.raises(ModelError, match="set_classes"):
         det.detect(np.zeros((32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n-world.yaml", "yolov8n-worldv2.yaml"], ids=["v1", "v2"])
+def test_nms_iou_is_used_on_v1_and_v2_models(cfg):
+    """A lower NMS iou removes more overlapping boxes, on v1 models as on v2 (the iou given per call, else the
+    constructor's)."""
+    det = OVDetector(random_world_model(cfg, seed=3), device="cpu", imgsz=160, conf=0.05, iou=0.9)
+    det.set_embeddings(NAMES[:3], random_embeddings(3, seed=4))
+    image = scene(160, 160, seed=5)
+    counts = [len(det.detect(image, iou=iou)) for iou in (0.1, 0.5, 0.9)]
+    assert 0 < counts[0] < counts[1] < counts[2], counts
+    assert len(det.detect(image)) == counts[2]  # the constructor's iou=0.9
