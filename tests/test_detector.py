@@ -126,7 +126,13 @@ def test_cli_detect_end_to_end(tiny_world_checkpoint, tiny_text_encoder, tmp_pat
     assert record["image"] == str(image) and len(record["detections"]) > 0
     assert {d["class"] for d in record["detections"]} <= {"red circle", "blue square"}
     assert "broken.jpg" in err
-    assert (tmp_path / "out" / "street.jpg").exists()
+    # the annotated copy has the boxes drawn: on a box's outline it differs from the image JPEG-encoded the same
+    # way (which it would equal pixel for pixel with nothing drawn)
+    saved = cv2.imread(str(tmp_path / "out" / "street.jpg"))
+    plain = cv2.imdecode(cv2.imencode(".jpg", cv2.imread(str(image)))[1], cv2.IMREAD_COLOR)
+    assert saved.shape == plain.shape and not np.array_equal(saved, plain)
+    for d in record["detections"][:3]:
+        assert outline_difference(saved, plain, d["xyxy"]) > 20, d
 
 
 def test_cli_detect_without_weights_offline(tmp_path, capsys):
@@ -134,3 +140,35 @@ def test_cli_detect_without_weights_offline(tmp_path, capsys):
     cv2.imwrite(str(image), scene(64, 64))
     assert main(["detect", str(image), "--classes", "person"]) == 2
     assert "ovdet weights import" in capsys.readouterr().err
+
+
+def outline_difference(drawn: np.ndarray, plain: np.ndarray, box) -> float:
+    """Mean absolute difference of two images on the 1-pixel outline of `box` (x1, y1, x2, y2, image pixels)."""
+    h, w = plain.shape[:2]
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    x1, x2 = min(max(x1, 0), w - 1), min(max(x2, 0), w - 1)
+    y1, y2 = min(max(y1, 0), h - 1), min(max(y2, 0), h - 1)
+    ring = np.zeros((h, w), bool)
+    ring[y1, x1:x2 + 1] = ring[y2, x1:x2 + 1] = ring[y1:y2 + 1, x1] = ring[y1:y2 + 1, x2] = True
+    return float(np.abs(drawn.astype(int) - plain.astype(int))[ring].mean())
+
+
+def test_the_demo_detects_at_the_size_it_was_trained_at():
+    """ovdet/assets/README.md: the demo was trained at imgsz 160 and runs at that size unless told otherwise (at
+    640 every shape would look four times larger than anything it saw)."""
+    import re
+    from pathlib import Path
+
+    from ovdet.weights import DEMO_FILE
+
+    assert DEMO_FILE.is_file(), f"the demo model {DEMO_FILE} ships with ovdet"
+    notes = (Path(__file__).resolve().parents[1] / "ovdet" / "assets" / "README.md").read_text(encoding="utf-8")
+    trained = {int(size) for size in re.findall(r"\bimgsz (\d+)", notes)}
+    assert trained == {160}, trained
+    det = OVDetector("demo", device="cpu")
+    assert det.imgsz == det.world.train_imgsz == 160
+    det.set_classes(["red circle", "blue square", "green triangle"])
+    image = str(Path(__file__).resolve().parents[1] / "samples" / "shapes.jpg")
+    default, at_160 = det.detect(image), det.detect(image, imgsz=160)
+    np.testing.assert_array_equal(default.xyxy, at_160.xyxy)
+    assert sorted(default.data["class_name"]) == ["blue square", "blue square", "green triangle", "red circle"]
