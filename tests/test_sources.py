@@ -175,14 +175,42 @@ def test_missing_file_and_directory(tmp_path):
         load_image(tmp_path)
 
 
-def test_unreadable_file(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: file permissions do not stop root from reading")
-    path = tmp_path / "secret.jpg"
-    cv2.imwrite(str(path), pattern())
+def deny_reading(path: Path, monkeypatch) -> None:
+    """Make `path` unreadable: mode 0, and where that does not stop this process (root), opening it raises the
+    PermissionError (EACCES) the kernel gives everyone else, from every way of opening a file."""
+    import builtins
+    import errno
+
     path.chmod(0)
-    with pytest.raises(ImageReadError, match="permission"):
+    if os.geteuid() != 0:
+        return
+    target = os.path.realpath(path)
+
+    def denied(real):
+        def guarded(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and kwargs.get("dir_fd") is None \
+                    and os.path.realpath(file) == target:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+            return real(file, *args, **kwargs)
+        return guarded
+
+    monkeypatch.setattr(builtins, "open", denied(builtins.open))
+    monkeypatch.setattr(io, "open", denied(io.open))
+    monkeypatch.setattr(os, "open", denied(os.open))
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path, other = tmp_path / "secret.jpg", tmp_path / "public.jpg"
+    cv2.imwrite(str(path), pattern())
+    cv2.imwrite(str(other), pattern())
+    deny_reading(path, monkeypatch)
+    with pytest.raises(ImageReadError, match="permission denied; make the file readable") as info:
         load_image(path)
+    assert str(path) in str(info.value)
+    check_bgr(load_image(other), (48, 64))  # only that file
+    loaded = list(prefetch_images([path, other]))  # the background reader records it and goes on
+    assert [item.error is not None for item in loaded] == [True, False]
+    assert "permission denied" in str(loaded[0].error)
 
 
 def test_non_image_is_rejected_even_after_ultralytics_patched_pil(tmp_path):
