@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import stat
-import weakref
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,14 +65,20 @@ def _not_plain_folder(path: Path, root: Path) -> DatasetError:
                         "output folder.")
 
 
-def _open_chain(folder: Path, root: Path, create: bool) -> int:
-    """A descriptor of `folder`, reached from `root` one component at a time without following a link."""
-    rel = folder.relative_to(root)  # ValueError for a folder outside its root: a bug in the caller
+def _open_chain(folder: str, root: str, create: bool) -> int:
+    """A descriptor of `folder`, reached from `root` one component at a time without following a link (both absolute
+    and normalised; plain string work: this runs for every file a run writes)."""
+    if folder == root:
+        parts: list[str] = []
+    elif folder.startswith(root.rstrip(os.sep) + os.sep):
+        parts = folder[len(root.rstrip(os.sep)) + 1:].split(os.sep)
+    else:
+        raise ValueError(f"{folder} is not inside {root}")  # a bug in the caller
     if create:
         os.makedirs(root, exist_ok=True)
     fd = os.open(root, _DIR)
     try:
-        for i, part in enumerate(rel.parts):
+        for i, part in enumerate(parts):
             if create:
                 try:
                     os.mkdir(part, 0o777, dir_fd=fd)
@@ -82,7 +88,7 @@ def _open_chain(folder: Path, root: Path, create: bool) -> int:
                 nxt = os.open(part, _DIR | _NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                    raise _not_plain_folder(root.joinpath(*rel.parts[:i + 1]), root) from None
+                    raise _not_plain_folder(Path(root, *parts[:i + 1]), Path(root)) from None
                 raise
             os.close(fd)
             fd = nxt
@@ -92,25 +98,54 @@ def _open_chain(folder: Path, root: Path, create: bool) -> int:
         raise
 
 
-# Output folders this process holds (ovdet.runlock registers each while its lock is held): a write below one with no
-# explicit root checks every folder between that output folder and the file, not only the last one.
-_held_roots: list[str] = []
+# Output folders this process holds (ovdet.runlock registers each while its lock is held), each with the folders
+# below it opened so far. A write below one with no explicit root checks every folder between that output folder and
+# the file, not only the last one; and a folder's descriptor, checked once, serves every later write into it until
+# the lock is released (a folder deleted meanwhile is opened again), which saves four system calls per file.
+_held_roots: dict[str, dict[str, int]] = {}
+_held_guard = threading.Lock()
 
 
 def hold_root(folder: str | os.PathLike) -> None:
     """Make `folder` the default root of writes below it until `release_root(folder)`."""
-    _held_roots.append(os.path.abspath(folder))
+    with _held_guard:
+        _held_roots.setdefault(os.path.abspath(folder), {})
 
 
 def release_root(folder: str | os.PathLike) -> None:
-    _held_roots.remove(os.path.abspath(folder))
+    """Forget `folder` and close the descriptors of the folders opened below it."""
+    with _held_guard:
+        opened = _held_roots.pop(os.path.abspath(folder), {})
+    for fd in opened.values():
+        os.close(fd)
 
 
-def _default_root(folder: Path) -> Path:
+def _default_root(folder: str) -> str:
     """The innermost held output folder containing `folder`, else `folder`'s parent."""
-    text = str(folder)
-    held = [r for r in list(_held_roots) if text == r or text.startswith(r.rstrip(os.sep) + os.sep)]
-    return Path(max(held, key=len)) if held else folder.parent
+    held = [r for r in list(_held_roots) if folder == r or folder.startswith(r.rstrip(os.sep) + os.sep)]
+    return max(held, key=len) if held else os.path.dirname(folder)
+
+
+def _held_fd(folder: str, root: str, create: bool) -> int | None:
+    """The kept descriptor of `folder` below the held output folder `root` (opened now if need be); None if `root`
+    is not held."""
+    with _held_guard:
+        opened = _held_roots.get(root)
+        fd = None if opened is None else opened.get(folder)
+    if opened is None:
+        return None
+    if fd is not None and os.fstat(fd).st_nlink > 0:
+        return fd
+    new = _open_chain(folder, root, create)
+    with _held_guard:
+        if root not in _held_roots:  # released meanwhile (another thread): do not keep it
+            os.close(new)
+            return None
+        old = _held_roots[root].get(folder)
+        _held_roots[root][folder] = new
+    if old is not None:
+        os.close(old)
+    return new
 
 
 def _tmp_name(name: str) -> str:
@@ -134,13 +169,24 @@ class Folder:
     """
 
     def __init__(self, folder: str | os.PathLike, root: str | os.PathLike | None = None, create: bool = True):
-        self.path = Path(os.path.abspath(folder))
-        self.root = _default_root(self.path) if root is None else Path(os.path.abspath(root))
-        self.fd = _open_chain(self.path, self.root, create)
-        self._close = weakref.finalize(self, os.close, self.fd)
+        self.fd, self._owned = -1, False
+        self._path = os.path.abspath(folder)
+        self._root = _default_root(self._path) if root is None else os.path.abspath(root)
+        kept = _held_fd(self._path, self._root, create) if self._root in _held_roots else None
+        self._owned = kept is None  # a kept descriptor belongs to the held root and is closed with it
+        self.fd = _open_chain(self._path, self._root, create) if kept is None else kept
+
+    @property
+    def path(self) -> Path:
+        return Path(self._path)
 
     def close(self) -> None:
-        self._close()
+        if self.fd >= 0 and self._owned:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> "Folder":
         return self
@@ -250,23 +296,23 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, root: str | os.Pat
     Readers only ever see the old or the complete new file, and a write that fails (a full disk) leaves no partial
     file behind. No link is followed between `root` (default: see Folder) and the file.
     """
-    path = Path(path)
-    with Folder(path.parent, root, create=False) as folder, folder.atomic_open(path.name, mode, **kwargs) as fh:
+    parent, name = os.path.split(os.path.abspath(path))
+    with Folder(parent, root, create=False) as folder, folder.atomic_open(name, mode, **kwargs) as fh:
         yield fh
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.PathLike | None = None) -> None:
     """Write `data` to `path` so that readers only ever see the old or the complete new file."""
-    path = Path(path)
-    with Folder(path.parent, root, create=False) as folder:
-        folder.write(path.name, data)
+    parent, name = os.path.split(os.path.abspath(path))
+    with Folder(parent, root, create=False) as folder:
+        folder.write(name, data)
 
 
 def atomic_link(target: str | os.PathLike, link: str | os.PathLike, *, root: str | os.PathLike | None = None) -> None:
     """Make `link` point at the regular file `target`: a symlink, else a hard link, else a copy; atomically."""
-    link = Path(link)
-    with Folder(link.parent, root, create=False) as folder:
-        folder.link(target, link.name)
+    parent, name = os.path.split(os.path.abspath(link))
+    with Folder(parent, root, create=False) as folder:
+        folder.link(target, name)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike, root: str | os.PathLike | None = None) -> int:

@@ -1,7 +1,7 @@
 """Writers: dataset formats (COCO, YOLO + data.yaml, Pascal VOC, JSONL) and annotated previews.
 
-Every file is written whole or not at all (temporary file + os.replace) and never through a link: each writer
-opens its folders link-free below the output folder (ovdet.safeio, whose atomic_open / atomic_write / atomic_link
+Every file is written whole or not at all (temporary file + os.replace) and never through a link: each write
+opens its folder link-free below the output folder (ovdet.safeio, whose atomic_open / atomic_write / atomic_link
 and remove_stale_temp_files this module re-exports). The JSONL journal and ImageRecord live in ovdet.journal
 (re-exported here too). The formats follow
 supervision's dataset conventions (1-based COCO categories, 1-based VOC pixel boxes, 5-decimal YOLO
@@ -25,6 +25,8 @@ from supervision.dataset.formats.coco import classes_to_coco_categories
 
 from ovdet.draw import draw
 from ovdet.errors import DatasetError
+# the dataset formats annotate can write (defined in ovdet.options, so that the CLI parser needs no OpenCV)
+from ovdet.options import DATASET_FORMATS as FORMATS
 from ovdet.journal import (
     ImageRecord,
     Journal,
@@ -34,7 +36,6 @@ from ovdet.journal import (
     repair_journal,
 )
 from ovdet.safeio import (
-    Folder,
     atomic_link,
     atomic_open,
     atomic_write,
@@ -65,9 +66,6 @@ __all__ = [
     "repair_journal",
 ]
 
-# Dataset formats annotate can write.
-FORMATS = ("coco", "yolo", "voc", "jsonl")
-
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     """"coco,yolo" or a list -> the distinct formats in order; DatasetError for unknown or none."""
@@ -91,21 +89,6 @@ def real_dir(folder: str | os.PathLike, root: str | os.PathLike | None = None) -
 # ----------------------------------------------------------------------------- per-image formats
 
 
-class _Dirs:
-    """The folders one writer puts files in, each opened link-free below the output folder once and kept open
-    (see ovdet.safeio.Folder): a link planted anywhere below the output folder is refused, never followed."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._open: dict[Path, Folder] = {}
-
-    def __call__(self, folder: Path, create: bool = False) -> Folder:
-        opened = self._open.get(folder)
-        if opened is None:
-            opened = self._open[folder] = Folder(folder, self.root, create)
-        return opened
-
-
 class YoloWriter:
     """Ultralytics layout: images/ (links to the originals), labels/ (one txt each), data.yaml.
 
@@ -121,13 +104,13 @@ class YoloWriter:
         self.images = self.root / "images"
         self.labels = self.root / "labels"
         self.data_yaml = self.root / "data.yaml"
-        self._dirs = _Dirs(self.root.parent)
+        self.base = self.root.parent  # the output folder: no link is followed below it
 
     def start(self) -> None:
         for folder in (self.root, self.images, self.labels):
-            self._dirs(folder, create=True)
+            real_dir(folder, self.base)
         for folder in (self.root, self.images, self.labels):
-            self._dirs(folder).remove_stale_temp_files()
+            remove_stale_temp_files(folder, self.base)
         if self.split.active:
             note = (f"# train/val: {self.split.fraction:g} of the images held out for validation by a hash of their "
                     f"path (seed {self.split.seed}),\n# so every re-run and resume puts each image in the same split. "
@@ -139,16 +122,14 @@ class YoloWriter:
             train = val = "images"
         data = {"path": str(self.root.resolve()), "train": train, "val": val, "nc": len(self.classes),
                 "names": dict(enumerate(self.classes))}
-        self._dirs(self.root).write(self.data_yaml.name, note + yaml.safe_dump(data, allow_unicode=True,
-                                                                              sort_keys=False))
+        atomic_write(self.data_yaml, note + yaml.safe_dump(data, allow_unicode=True, sort_keys=False), root=self.base)
 
     def rebuild(self, journal: str | os.PathLike, end: int | None = None) -> None:
         """With a split: write train.txt and val.txt listing the images in `journal` (up to byte `end`)."""
         if not self.split.active:
             return
-        folder = self._dirs(self.root)
-        with folder.atomic_open("train.txt", "w", encoding="utf-8") as train, \
-                folder.atomic_open("val.txt", "w", encoding="utf-8") as val:
+        with atomic_open(self.root / "train.txt", "w", root=self.base, encoding="utf-8") as train, \
+                atomic_open(self.root / "val.txt", "w", root=self.base, encoding="utf-8") as val:
             for rec in read_journal(journal, end, lambda d: checked_image_record(d, len(self.classes))):
                 fh = val if self.split.is_val(rec["image"]) else train
                 fh.write(f"./images/{rec['key']}{Path(rec['image']).suffix}\n")
@@ -161,8 +142,8 @@ class YoloWriter:
         rows = zip(rec.class_ids.tolist(), ((x1 + x2) / 2).tolist(), ((y1 + y2) / 2).tolist(),
                    (x2 - x1).tolist(), (y2 - y1).tolist())
         text = "".join(f"{c} {xc:.5f} {yc:.5f} {w:.5f} {h:.5f}\n" for c, xc, yc, w, h in rows)
-        self._dirs(self.labels).write(f"{rec.key}.txt", text)
-        self._dirs(self.images).link(rec.path, f"{rec.key}{rec.suffix}")
+        atomic_write(self.labels / f"{rec.key}.txt", text, root=self.base)
+        atomic_link(rec.path, self.images / f"{rec.key}{rec.suffix}", root=self.base)
 
 
 class VocWriter:
@@ -173,11 +154,12 @@ class VocWriter:
         self.classes = list(classes)
         self.annotations = self.root / "Annotations"
         self.images = self.root / "JPEGImages"
-        self._dirs = _Dirs(self.root.parent)
+        self.base = self.root.parent  # the output folder: no link is followed below it
 
     def start(self) -> None:
         for folder in (self.annotations, self.images):
-            self._dirs(folder, create=True).remove_stale_temp_files()
+            real_dir(folder, self.base)
+            remove_stale_temp_files(folder, self.base)
 
     def write(self, rec: ImageRecord) -> None:
         # The document supervision's detections_to_pascal_voc builds (same 1-based, rounded <bndbox>), from
@@ -190,8 +172,8 @@ class VocWriter:
                                               xmax=xmax, ymax=ymax))
         xml = _VOC_ANNOTATION.format(filename=escape(f"{rec.key}{rec.suffix}"), path=escape(rec.path),
                                      width=rec.width, height=rec.height, objects="".join(objects))
-        self._dirs(self.annotations).write(f"{rec.key}.xml", xml)
-        self._dirs(self.images).link(rec.path, f"{rec.key}{rec.suffix}")
+        atomic_write(self.annotations / f"{rec.key}.xml", xml, root=self.base)
+        atomic_link(rec.path, self.images / f"{rec.key}{rec.suffix}", root=self.base)
 
 
 _VOC_ANNOTATION = """<annotation>
@@ -233,17 +215,18 @@ class PreviewWriter:
         self.root = Path(root)
         self.classes = list(classes)
         self.quality = quality
-        self._dirs = _Dirs(self.root.parent)
+        self.base = self.root.parent  # the output folder: no link is followed below it
 
     def start(self) -> None:
-        self._dirs(self.root, create=True).remove_stale_temp_files()
+        real_dir(self.root, self.base)
+        remove_stale_temp_files(self.root, self.base)
 
     def write(self, rec: ImageRecord, image: np.ndarray) -> None:
         ok, buf = cv2.imencode(".jpg", draw(image, rec.detections(self.classes)),
                                [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise OSError(f"could not encode the annotated preview of {rec.path}")
-        self._dirs(self.root).write(f"{rec.key}.jpg", buf.tobytes())
+        atomic_write(self.root / f"{rec.key}.jpg", buf.tobytes(), root=self.base)
 
 
 class CocoWriter:
@@ -260,10 +243,11 @@ class CocoWriter:
         self.classes = list(classes)
         self.info = info or {}
         self.split = split or ValSplit()
-        self._dirs = _Dirs(self.path.parent.parent)
+        self.base = self.path.parent.parent  # the output folder: no link is followed below it
 
     def start(self) -> None:
-        self._dirs(self.path.parent, create=True).remove_stale_temp_files()
+        real_dir(self.path.parent, self.base)
+        remove_stale_temp_files(self.path.parent, self.base)
 
     def rebuild(self, journal: str | os.PathLike, end: int | None = None) -> None:
         """Write the COCO file(s) for every record in `journal` (up to byte `end`)."""
@@ -282,7 +266,7 @@ class CocoWriter:
 
         k = len(self.classes)
 
-        with self._dirs(path.parent).atomic_open(path.name, "w", encoding="utf-8") as fh:
+        with atomic_open(path, "w", root=self.base, encoding="utf-8") as fh:
             fh.write('{"info":' + dump(self.info) + ',"licenses":[],"categories":'
                      + dump(classes_to_coco_categories(self.classes)) + ',\n"images":[')
             for image_id, rec in enumerate(records(lambda d: checked_image_record(d, k)), 1):  # every field vetted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from ovdet import runlock
 from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
 from ovdet.runlock import LOCK_NAME, lock_output, read_holder
-from ovdet.safeio import atomic_write
+from ovdet.safeio import atomic_write, ensure_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,3 +163,30 @@ def test_while_held_every_write_below_the_folder_checks_the_whole_chain(tmp_path
     assert list((elsewhere / "b").iterdir()) == []
     atomic_write(out / "a" / "b" / "f.txt", "x")  # not held: only the file's own folder name is checked
     assert (elsewhere / "b" / "f.txt").read_text() == "x"
+
+
+def _open_below(folder: Path) -> list[str]:
+    """What this process has open under `folder` (from /proc/self/fd)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the descriptor listdir itself used, closed by now
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_folders_kept_open_while_held_are_reopened_if_deleted_and_closed_on_release(tmp_path):
+    out = tmp_path / "out"
+    with lock_output(out):
+        ensure_dir(out / "sub")
+        atomic_write(out / "sub" / "a.txt", "1")
+        assert _open_below(out)  # checked once, kept for the next write
+        shutil.rmtree(out / "sub")
+        ensure_dir(out / "sub")
+        atomic_write(out / "sub" / "b.txt", "2")  # into the new folder, not the deleted one
+        assert sorted(os.listdir(out / "sub")) == ["b.txt"]
+    assert _open_below(out) == []  # nothing outlives the lock (a read-only remount needs that)
