@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from ovdet.errors import OVDetError, WeightsCorruptError
+from ovdet.options import EMBEDDING_CACHE_MB_ENV as MAX_MB_ENV  # defined there so that the CLI parser needs no torch
 from ovdet.text import TextEncoder
 from ovdet.weights import cached_sha256, state_digest
 from ovdet.weights import home, resolve_text_model
 
 DEFAULT_MAX_MB = 128.0
-MAX_MB_ENV = "OVDET_EMBEDDING_CACHE_MB"
 _MAGIC = b"OVDE"
 _HEADER = struct.Struct("<4sBxxxIII")  # magic, version, pad, prompt bytes, dim, crc32 of prompt + vector
 _VERSION = 1

@@ -15,15 +15,14 @@ import torch
 from ovdet.checkpoint import _quiet_ultralytics
 from ovdet.embedding_cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError, ModelError
+from ovdet.options import EXPORT_FORMATS as FORMATS  # defined there so that the CLI parser needs no torch
+from ovdet.options import EXPORT_PRECISIONS as PRECISIONS
 from ovdet.prompts import ClassSpec, parse_classes
 from ovdet.text import TextEncoder
 from ovdet.world import WorldDetector
 
-# format -> how ultralytics recognises an exported file by its name (AutoBackend looks at the suffix)
-FORMATS = {"onnx": ".onnx", "openvino": "_openvino_model", "engine": ".engine"}
 # the live-vocabulary graph is not an ultralytics file: an .onnx, an OpenVINO .xml (+ .bin) or a TensorRT .engine
 LIVE_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "engine": ".engine"}
-PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 

@@ -20,12 +20,12 @@ import numpy as np
 
 from ovdet.capture import Capture, Source, open_source
 from ovdet.errors import ClassSpecError
+from ovdet.options import LIVE_KEYS_HELP as HELP  # defined there so that the CLI parser needs no OpenCV
 from ovdet.stream import Result, Tracker, detect_frames
 from ovdet.video import Annotator, open_writer
 
 KEY_QUIT = (ord("q"), 27)
 KEY_PAUSE, KEY_SNAPSHOT, KEY_RECORD, KEY_CLASSES = ord(" "), ord("s"), ord("r"), ord("c")
-HELP = "keys: q/Esc quit · space pause · s snapshot · r record on/off · c change classes"
 
 
 class Display(Protocol):

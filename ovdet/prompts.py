@@ -34,10 +34,10 @@ from ovdet.class_files import load_json as _load_json
 from ovdet.class_files import load_yaml as _load_yaml
 from ovdet.display import shown
 from ovdet.errors import ClassSpecError
+from ovdet.options import REDUCTIONS  # defined there so that the CLI parser needs no torch
 from ovdet.prompt_limits import check_counts, check_text
 
 CLASS_FILE_SUFFIXES = (".yaml", ".yml", ".json")
-REDUCTIONS = ("max", "mean")
 # A small CLIP-style prompt ensemble; "{}" (the bare phrasing) is what YOLO-World was trained on.
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
                      "a photo of a large {}.", "a cropped photo of a {}.", "a close-up photo of a {}.")

@@ -12,23 +12,13 @@ import numpy as np
 import yaml
 
 from ovdet.errors import DatasetError
+# the palette, shapes and default vocabulary are defined in ovdet.options, so that the CLI parser needs no OpenCV
+from ovdet.options import SYNTH_DEFAULT_COLOURS as DEFAULT_COLOURS
+from ovdet.options import SYNTH_DEFAULT_SHAPES as DEFAULT_SHAPES
+from ovdet.options import SYNTH_PALETTE as PALETTE
+from ovdet.options import SYNTH_SHAPES as SHAPES
 from ovdet.progress import progress as progress_display
 
-# BGR colours an object (or a piece of clutter) can have, by name.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (30, 30, 220),
-    "green": (40, 180, 40),
-    "blue": (220, 70, 30),
-    "yellow": (30, 220, 230),
-    "purple": (170, 40, 150),
-    "orange": (20, 140, 250),
-    "cyan": (220, 210, 40),
-    "pink": (190, 160, 250),
-    "brown": (30, 70, 120),
-}
-SHAPES = ("circle", "square", "triangle", "star")
-DEFAULT_COLOURS = ("red", "green", "blue")
-DEFAULT_SHAPES = ("circle", "square", "triangle")
 SPLITS = {"train": 0, "val": 1}
 
 

@@ -14,16 +14,17 @@ import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ftfy
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import StrictDataclassError
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ovdet.errors import ClassSpecError, ModelError, WeightsCorruptError, WeightsNotFoundError
 from ovdet.weights import is_offline, state_digest
+
+if TYPE_CHECKING:  # imported where a tower is built or a prompt tokenized: cached embeddings never need them
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
@@ -64,6 +65,8 @@ def _bytes_to_unicode() -> list[str]:
 @lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
     """CLIP's BPE tokenizer (transformers, built in memory from open_clip's vocabulary file; no network)."""
+    from transformers import CLIPTokenizer
+
     path = _bpe_path()
     try:
         lines = gzip.open(path).read().decode("utf-8").split("\n")
@@ -140,6 +143,8 @@ def convert_openai_state_dict(sd: Mapping[str, torch.Tensor],
 
     Sizes come from tensor shapes; heads default to width // 64 (OpenAI's rule) since shapes cannot tell them.
     """
+    from transformers import CLIPTextConfig
+
     sd = _openai_text_state_dict(sd, "The state dict")
     width = sd["ln_final.weight"].shape[0]
     layers = sorted({int(m.group(1)) for k in sd if (m := _LAYER_KEY.match(k))})
@@ -218,6 +223,8 @@ def _read_weights_file(path: Path) -> Any:
 
 def _from_pretrained(source: str, what: str, local: bool) -> CLIPTextModelWithProjection:
     """`CLIPTextModelWithProjection.from_pretrained` (also takes a full CLIPModel); refuses partially loaded weights."""
+    from transformers import CLIPTextModelWithProjection
+
     offline = is_offline()
     try:
         model, info = CLIPTextModelWithProjection.from_pretrained(
@@ -276,6 +283,8 @@ class TextEncoder:
                                num_attention_heads: int | None = None,
                                device: str | torch.device = "cpu") -> TextEncoder:
         """From an OpenAI-layout CLIP state dict (visual.* ignored), converted to transformers' layout in memory."""
+        from transformers import CLIPTextModelWithProjection
+
         config, state = convert_openai_state_dict(sd, num_attention_heads)
         model = CLIPTextModelWithProjection(config)
         try:
@@ -293,6 +302,8 @@ class TextEncoder:
         transformers' CLIP init already keeps prompts apart (max cosine ≈ 0.9 on the default size); a larger
         `initializer_factor` spreads them further.
         """
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
         config = CLIPTextConfig(
             vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
             num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
@@ -306,6 +317,9 @@ class TextEncoder:
     @classmethod
     def from_state(cls, state: Mapping[str, Any], device: str | torch.device = "cpu") -> TextEncoder:
         """Rebuild a tower saved with `to_state()` (e.g. embedded in an ovdet detector checkpoint)."""
+        from huggingface_hub.errors import StrictDataclassError
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
         try:
             config = CLIPTextConfig.from_dict(dict(state["config"]))
             model = CLIPTextModelWithProjection(config)

@@ -18,10 +18,8 @@ from ovdet.backends.base import Backend, BuildInfo, Calibration, ExportedBackend
 from ovdet.backends.cache import CompiledCache, compiled_dir
 from ovdet.backends.graph import IMAGES, OUTPUT, TEXT, LiveWorldGraph, export_onnx
 from ovdet.errors import ModelError
-
-BACKENDS = ("auto", "torch", "openvino", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-BACKEND_ENV = "OVDET_BACKEND"  # what backend="auto" means when set (e.g. torch)
+from ovdet.options import BACKEND_ENV, BACKENDS  # defined there so that the CLI parser needs no torch
+from ovdet.options import BACKEND_PRECISIONS as PRECISIONS
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "PRECISIONS", "IMAGES", "OUTPUT", "TEXT", "Backend", "BackendChoice",
            "BuildInfo", "Calibration", "CompiledCache", "ExportedBackend", "LiveWorldGraph", "compiled_dir",

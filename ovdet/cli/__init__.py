@@ -25,13 +25,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def package_version() -> str:
+    """ovdet's version: the installed distribution's (importlib.metadata), else the package's own __version__."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ovdet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import ovdet
+
+        return ovdet.__version__
+
+
+class _VersionAction(argparse._VersionAction):
+    """argparse's --version, with the version looked up only when asked for (not on every start)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        self.version = f"%(prog)s {package_version()}"
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, one subparser per command module."""
+    """The full argument parser, one subparser per command module.
+
+    Command modules import only light modules at their top (heavy ones inside `run`), so that building this
+    parser, and `ovdet --help`, imports no torch, ultralytics, transformers or OpenCV.
+    """
     parser = argparse.ArgumentParser(
         prog="ovdet",
         description="Open-vocabulary object detection: name what to find, get boxes.",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print ovdet's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ovdet.backends import BACKEND_ENV, BACKENDS, PRECISIONS
-from ovdet.detector import OVDetector
-from ovdet.tiling import TileSpec
+from ovdet.options import BACKEND_ENV, BACKEND_PRECISIONS, BACKENDS
+
+if TYPE_CHECKING:  # the detector (torch, ultralytics, transformers) is imported when a command runs, not for --help
+    from ovdet.detector import OVDetector
+    from ovdet.tiling import TileSpec
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +28,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="what runs the model: auto (OpenVINO on a CPU, TensorRT on CUDA, when installed; else "
                             f"torch; ${BACKEND_ENV} overrides auto), torch, openvino, onnxruntime, tensorrt. The "
                             "vocabulary stays live on every backend; see README, Backends")
-    group.add_argument("--precision", choices=PRECISIONS, default=None,
+    group.add_argument("--precision", choices=BACKEND_PRECISIONS, default=None,
                        help="fp32; bf16 (openvino, CPUs with bf16); fp16 (GPU); int8 (openvino, calibrated on --calib "
                             "images) (default: fp16 with torch / tensorrt on CUDA, else fp32)")
     group.add_argument("--calib", default=None, metavar="DIR",
@@ -58,6 +61,8 @@ def add_classes_option(parser: argparse.ArgumentParser) -> None:
 
 def detector_from_args(args: argparse.Namespace, **overrides) -> OVDetector:
     """An OVDetector from the parsed model options (each command's summary line says which backend ran)."""
+    from ovdet.detector import OVDetector
+
     options = dict(text_model=args.text_model, device=args.device, half=args.half, imgsz=args.imgsz, conf=args.conf,
                    iou=args.iou, max_det=args.max_det, trust_weights=args.trust_weights, backend=args.backend,
                    precision=args.precision, calib=args.calib, threads=args.threads)
@@ -95,4 +100,6 @@ def tile_options(args: argparse.Namespace) -> TileSpec | None:
     """The TileSpec the tiling options ask for, or None without --tile."""
     if args.tile is None:
         return None
+    from ovdet.tiling import TileSpec
+
     return TileSpec(size=args.tile, overlap=args.tile_overlap, full_image=args.full_image, merge=args.merge)

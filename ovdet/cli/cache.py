@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovdet.cli import HelpFormatter
-from ovdet.backends.cache import CompiledCache
-from ovdet.embedding_cache import MAX_MB_ENV, EmbeddingCache
+from ovdet.options import EMBEDDING_CACHE_MB_ENV as MAX_MB_ENV
 
 
 def _size(n: int) -> str:
@@ -39,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
+    from ovdet.backends.cache import CompiledCache
+    from ovdet.embedding_cache import EmbeddingCache
+
     cache = EmbeddingCache()
     compiled = CompiledCache()
     if args.cache_action == "clear":

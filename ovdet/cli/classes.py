@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_trust_option
 from ovdet.display import shown
-from ovdet.prompts import REDUCTIONS, ClassSpec, parse_classes
+from ovdet.options import REDUCTIONS
+
+if TYPE_CHECKING:
+    from ovdet.prompts import ClassSpec
 
 _SPEC_HELP = ('a class file (.yaml/.yml/.json) or a comma-separated list with inline syntax, e.g. '
               '"person|man|woman,helmet,!reflection" (| joins synonyms, ! marks a negative prompt)')
@@ -95,6 +99,8 @@ def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
+    from ovdet.prompts import parse_classes
+
     spec = parse_classes(args.spec, templates=args.templates, reduce=args.reduce)
     if args.classes_action == "show":
         print(spec.describe())

@@ -7,14 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
-
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
 from ovdet.display import json_shown, shown
-from ovdet.draw import draw
 from ovdet.errors import ImageError
-from ovdet.sources import load_image
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -31,6 +27,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import cv2
+
+    from ovdet.draw import draw
+    from ovdet.sources import load_image
+
     det = build_detector(args)
     tiling = {"tile": tile_options(args)} if args.tile is not None else {}
     print(f"ovdet: {shown(det.model_id)} on {det.world.describe()}", file=sys.stderr)

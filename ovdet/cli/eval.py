@@ -8,10 +8,7 @@ import json
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import (add_model_options, add_tile_options, backend_words, detector_from_args,
                                tile_options)
-from ovdet.detector import parse_class_names
 from ovdet.errors import DatasetError
-from ovdet.evaluate import evaluate, load_dataset, parse_mapping
-from ovdet.report import write_report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.report and not args.out:
         raise DatasetError("--report needs --out DIR: the folder the run and its report are saved in")
+    from ovdet.detector import parse_class_names
+    from ovdet.evaluate import evaluate, load_dataset, parse_mapping
+
     dataset = load_dataset(args.data, split=args.split)
     mapping = parse_mapping(args.map, dataset.names)
     classes = parse_class_names(args.classes) if args.classes else None
@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if result.skipped:
             print(f"skipped {len(result.skipped)} unreadable image(s)")
     if args.report:
+        from ovdet.report import write_report
+
         path = write_report(args.out, quiet=args.json or args.quiet)
         if not args.json:
             print(f"report -> {path}")

@@ -6,7 +6,8 @@ import argparse
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_trust_option
-from ovdet.export import FORMATS, PRECISIONS, export_model
+from ovdet.options import EXPORT_FORMATS as FORMATS
+from ovdet.options import EXPORT_PRECISIONS as PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.export import export_model
+
     result = export_model(args.model, args.format, classes=args.classes, out=args.out, precision=args.precision,
                           imgsz=args.imgsz, calib=args.calib, text_model=args.text_model,
                           trust_weights=args.trust_weights, batch=args.batch, dynamic=args.dynamic)

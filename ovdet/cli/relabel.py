@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from ovdet.cli import HelpFormatter
-from ovdet.relabel import relabel_run
-from ovdet.sinks import FORMATS
+from ovdet.options import DATASET_FORMATS as FORMATS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.relabel import relabel_run
+
     summary = relabel_run(args.run_dir, args.out, conf=args.conf, default_conf=args.default_conf,
                           drop=args.drop_class or (), rename=args.rename, min_area=args.min_area, formats=args.format,
                           overwrite=args.overwrite, quiet=args.quiet)

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from ovdet.cli import HelpFormatter
-from ovdet.report import write_report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.report import write_report
+
     path = write_report(args.run_dir, thumbnails=args.thumbs, quiet=args.quiet)
     if not args.quiet:
         print(f"report -> {path} (open it in a browser; it needs no network)", file=sys.stderr)

@@ -6,7 +6,10 @@ import argparse
 
 from ovdet.cli import HelpFormatter
 from ovdet.errors import DatasetError
-from ovdet.synth import DEFAULT_COLOURS, DEFAULT_SHAPES, PALETTE, SHAPES, WorldSpec, generate
+from ovdet.options import SYNTH_DEFAULT_COLOURS as DEFAULT_COLOURS
+from ovdet.options import SYNTH_DEFAULT_SHAPES as DEFAULT_SHAPES
+from ovdet.options import SYNTH_PALETTE as PALETTE
+from ovdet.options import SYNTH_SHAPES as SHAPES
 
 
 def _words(text: str) -> list[str]:
@@ -50,6 +53,8 @@ def _pair(text: str | None, sep: str, option: str, example: str) -> tuple[int, i
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.synth import WorldSpec, generate
+
     spec = WorldSpec(colours=tuple(_words(args.colours)), shapes=tuple(_words(args.shapes)), imgsz=args.imgsz,
                      objects=(args.min_objects, args.max_objects),
                      canvas=_pair(args.canvas, "x", "--canvas", "4000x3000"),

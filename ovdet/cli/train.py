@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_trust_option
-from ovdet.detector import parse_class_names
 from ovdet.errors import DatasetError
 
 
 def _setting(text: str) -> tuple[str, object]:
+    import yaml
     from ultralytics.utils import DEFAULT_CFG_DICT
 
     key, sep, value = text.partition("=")
@@ -65,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.detector import parse_class_names
     from ovdet.train import train  # ultralytics' trainer: imported only when training
 
     classes = parse_class_names(args.classes) if args.classes else None

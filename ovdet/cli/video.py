@@ -8,7 +8,6 @@ from pathlib import Path
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, backend_words, build_detector,
                                tile_options)
-from ovdet.video import process_video
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -36,6 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.video import process_video
+
     out = args.out
     if out is None and args.jsonl is None:
         out = f"{Path(args.input).stem}_ovdet.mp4"

@@ -6,7 +6,7 @@ import argparse
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, backend_words, build_detector
-from ovdet.live import HELP, run_live
+from ovdet.options import LIVE_KEYS_HELP as HELP
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ovdet.live import run_live
+
     det = build_detector(args)
     report = run_live(det, args.source, window=not args.no_window, record=args.record, out_dir=args.out_dir,
                       track=args.track, read_timeout=args.timeout)

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-from ovdet import weights
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_trust_option
+
+
+def _describe_when_shown(parser: argparse.ArgumentParser, describe: Callable[[], str]) -> None:
+    """Set parser.description from describe() only when its help is shown: the weights folder comes from
+    ovdet.weights, whose imports (tqdm, http.client) building the parser for every other command need not pay for."""
+    format_help = parser.format_help
+
+    def format_help_described() -> str:
+        parser.description = describe()
+        return format_help()
+
+    parser.format_help = format_help_described
+
+
+def _description() -> str:
+    from ovdet import weights
+
+    return f"Manage model weights. Files live in $OVDET_HOME/weights (now {weights.weights_dir()})."
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,9 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "weights",
         help="list, locate or import model weights",
-        description=f"Manage model weights. Files live in $OVDET_HOME/weights (now {weights.weights_dir()}).",
         formatter_class=HelpFormatter,
     )
+    _describe_when_shown(parser, _description)
     actions = parser.add_subparsers(dest="weights_action", metavar="ACTION")
     actions.required = True
     actions.add_parser(
@@ -56,6 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _list() -> int:
+    from ovdet import weights
+
     rows = [(row.name, row.kind, str(row.path) if row.path else "missing") for row in weights.list_models()]
     header = ("NAME", "KIND", "LOCAL")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
@@ -65,6 +85,8 @@ def _list() -> int:
 
 
 def _path(name: str, download: bool) -> int:
+    from ovdet import weights
+
     spec = weights.lookup(name)
     if spec is not None and spec.kind == "text":
         print(weights.resolve_text_model(name, download=download))
@@ -75,14 +97,16 @@ def _path(name: str, download: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
+    from ovdet import weights
+
     if args.weights_action == "list":
         return _list()
     if args.weights_action == "path":
         return _path(args.name, args.download)
     if args.weights_action == "convert":
-        from ovdet.checkpoint import convert_to_safetensors
-
         from pathlib import Path
+
+        from ovdet.checkpoint import convert_to_safetensors
 
         is_file = Path(args.path).expanduser().is_file()
         src = Path(args.path).expanduser() if is_file else weights.resolve_detector(args.path)
