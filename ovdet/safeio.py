@@ -237,7 +237,11 @@ class Folder:
 
     def link(self, target: str | os.PathLike, name: str) -> None:
         """`name` points at the regular file `target`: a symlink, else a hard link, else a copy; atomically."""
-        st = os.stat(target)
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            raise DatasetError(f"{target} is gone (moved or deleted after it was read), so {self.path / name} cannot "
+                               "point at it; put it back, or run again to leave it out") from None
         if not stat.S_ISREG(st.st_mode):
             raise DatasetError(f"{target} is not a regular file; ovdet links only image files into "
                                f"{self.path}")

@@ -1,5 +1,8 @@
-"""Run folders received from others: no planted link, name or record makes `ovdet report`, `relabel` or a resumed
-`annotate` write outside the folder, or copy or link a file from outside the run's source folder into its output."""
+"""Hostile run folders: report, relabel and a resumed annotate never write outside the folder or leak outside files.
+
+A run folder received from someone else may hold planted links, hard links, FIFOs and edited records; none may make
+ovdet write outside the folder, or copy or link a file from outside the run's source folder into an output.
+"""
 
 from __future__ import annotations
 

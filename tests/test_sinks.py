@@ -136,6 +136,8 @@ def test_only_regular_files_are_linked(tmp_path):
     for target in (tmp_path / "fifo.jpg", tmp_path):
         with pytest.raises(DatasetError, match="not a regular file"):
             atomic_link(target, tmp_path / "x.jpg")
+    with pytest.raises(DatasetError, match="is gone"):
+        atomic_link(tmp_path / "missing.jpg", tmp_path / "x.jpg")
     assert not os.path.lexists(tmp_path / "x.jpg") and no_temp_files(tmp_path)
 
 
