@@ -8,13 +8,11 @@ import cv2
 import numpy as np
 import pytest
 import supervision as sv
+from pycocotools.coco import COCO  # the test extra installs it: imported, never skipped
+from pycocotools.cocoeval import COCOeval
 
 from ovdet.errors import DatasetError
 from ovdet.evaluate import compute_map, evaluate, load_dataset, parse_mapping
-
-pycocotools = pytest.importorskip("pycocotools")
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 NAMES = ["red circle", "blue square", "green triangle"]
 # Hand-made ground truth: per image, rows of (class, x1, y1, x2, y2) in pixels of a 200x160 image.

@@ -293,8 +293,19 @@ def test_stream_passes_tiling_on(demo, canvas):
     frames = list(demo.stream([image, image[::-1].copy()], tile=160, batch=2))
     assert len(frames) == 2
     expected = demo.detect(image, tile=160)  # tiles of both frames shared batches: equal up to batch numerics
-    assert np.array_equal(frames[0][1].class_id, expected.class_id)
-    assert np.allclose(frames[0][1].xyxy, expected.xyxy, atol=1e-2)
+    assert_same_detections_in_any_order(frames[0][1], expected)
+
+
+def assert_same_detections_in_any_order(got: sv.Detections, want: sv.Detections) -> None:
+    """The same boxes within the stated cross-batch tolerances (boxes 1e-2 px, scores 1e-4); near-tied scores may
+    come out in another order, so each box is matched to its counterpart, not compared by position."""
+    assert len(got) == len(want) > 0
+    unmatched = list(range(len(got)))
+    for box, score, cls in zip(want.xyxy, want.confidence, want.class_id):
+        close = [i for i in unmatched if got.class_id[i] == cls and np.abs(got.xyxy[i] - box).max() <= 1e-2
+                 and abs(float(got.confidence[i]) - float(score)) <= 1e-4]
+        assert close, f"no detection of class {cls} at {box.tolist()} with score {score:.5f} in {got}"
+        unmatched.remove(close[0])
 
 
 # ---------------------------------------------------------------- commands
@@ -362,7 +373,7 @@ def test_large_files_are_read_in_strips_with_the_same_pixels(tmp_path, kind):
     from ovdet.sources import load_image
     from ovdet.tiling.reader import VipsTiles, tile_source
 
-    pytest.importorskip("pyvips")
+    import pyvips  # noqa: F401  (the test extra installs it: a broken install fails here, never skips)
     image = np.random.default_rng(1).integers(0, 256, (700, 1000, 3), dtype=np.uint8)
     path = tmp_path / f"big.{kind.split('-')[0][:3]}"
     if kind == "png16-gray":
@@ -389,7 +400,7 @@ def test_detections_from_a_strip_read_file_equal_those_from_its_pixels(tmp_path)
 
     from ovdet.tiling.reader import tile_source
 
-    pytest.importorskip("pyvips")
+    import pyvips  # noqa: F401  (the test extra installs it: a broken install fails here, never skips)
     image = np.zeros((500, 700, 3), np.uint8)
     objects = [[150, 100, 190, 140], [600, 420, 650, 470], [300, 10, 330, 40]]
     for x0, y0, x1, y1 in objects:
