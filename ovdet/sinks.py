@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 from supervision.dataset.formats.coco import classes_to_coco_categories
 
+from ovdet.display import shown
 from ovdet.draw import draw
 from ovdet.errors import DatasetError
 # the dataset formats annotate can write (defined in ovdet.options, so that the CLI parser needs no OpenCV)
@@ -170,7 +171,8 @@ class VocWriter:
             xmax, ymax = max(round(x2), xmin), max(round(y2), ymin)
             objects.append(_VOC_OBJECT.format(name=escape(self.classes[c]), score=score, xmin=xmin, ymin=ymin,
                                               xmax=xmax, ymax=ymax))
-        xml = _VOC_ANNOTATION.format(filename=escape(f"{rec.key}{rec.suffix}"), path=escape(rec.path),
+        # XML 1.0 has no control characters: the path is shown escaped (keys are already plain)
+        xml = _VOC_ANNOTATION.format(filename=escape(f"{rec.key}{rec.suffix}"), path=escape(shown(rec.path)),
                                      width=rec.width, height=rec.height, objects="".join(objects))
         atomic_write(self.annotations / f"{rec.key}.xml", xml, root=self.base)
         atomic_link(rec.path, self.images / f"{rec.key}{rec.suffix}", root=self.base)

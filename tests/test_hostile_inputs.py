@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 from unittest import mock
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -241,7 +242,7 @@ def test_annotate_survives_odd_file_names(tmp_path, capsys):
     undecodable = os.fsencode(src) + b"/bad\xff.jpg"
     shutil.copy(SAMPLE, undecodable)
     cmd = ["annotate", str(src), "--model", "demo", "--classes", CLASSES, "--out", str(out), "--format",
-           "coco,yolo,jsonl", "--device", "cpu"]
+           "coco,yolo,jsonl,voc", "--device", "cpu"]
 
     assert main(cmd) == 0
     printed = "".join(capsys.readouterr())
@@ -267,6 +268,9 @@ def test_annotate_survives_odd_file_names(tmp_path, capsys):
     dataset = YOLODataset(img_path=data["train"], data=data, imgsz=64, augment=False, task="detect", hyp=get_cfg())
     assert len(dataset.labels) == 5
     assert yaml.safe_load((out / "yolo" / "data.yaml").read_text(encoding="utf-8"))["nc"] == 2
+    voc = {p.stem: ElementTree.parse(p).getroot() for p in (out / "voc" / "Annotations").glob("*.xml")}
+    assert set(voc) == {r["key"] for r in recs}  # every XML parses: control characters in paths shown escaped
+    assert sorted(v.findtext("path") for v in voc.values()) == sorted(shown(src / r["image"]) for r in recs)
 
     capsys.readouterr()  # drop what pycocotools and ultralytics printed (ultralytics draws its own bar)
     assert main(cmd) == 0  # a resume reads the journal back: nothing redone, the undecodable name still listed

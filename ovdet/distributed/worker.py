@@ -21,6 +21,7 @@ from ovdet.distributed.storage import Source, SourceReader
 from ovdet.errors import EngineError, ImageError
 from ovdet.prompts import ClassSpec
 from ovdet.runfolder import error_record
+from ovdet.safeio import ensure_dir
 from ovdet.sinks import ImageRecord, PreviewWriter, atomic_write
 
 __all__ = ["Annotator", "DetectorPayload", "WorkerSpec"]
@@ -105,8 +106,8 @@ class Annotator:
             return None, exc
         if data is not None:
             copy = self.out / ORIGINALS / rel
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(copy, data)
+            ensure_dir(copy.parent, self.out)  # a link planted anywhere below OUT is refused, not followed
+            atomic_write(copy, data, root=self.out)
         return image, None
 
     def _path(self, rel: str) -> str:
