@@ -15,16 +15,20 @@ Do not mark blocks runnable that need the network, real weights, a camera or a l
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import CROSS_RUN_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -200,6 +204,80 @@ def test_readme_has_runnable_blocks():
 
 @pytest.mark.skipif(not DEMO.exists(), reason=f"demo model {DEMO} is missing (built by the train issue)")
 @pytest.mark.parametrize("block", _real_blocks(), ids=lambda b: b.id)
-def test_readme_block_runs(block, readme_cwd):
+def test_readme_block_runs(block, readme_cwd, capsys):
     assert os.environ.get("OVDET_OFFLINE") == "1"  # conftest: offline, private OVDET_HOME
     run_block(block, readme_cwd)
+    out, err = capsys.readouterr()
+    for marker, check in OUTPUT_CHECKS.items():
+        if marker in block.code:
+            check(out, err, readme_cwd)
+
+
+# --- what the blocks print ----------------------------------------------------------------------
+# Measured with the shipped demo model (torch fp32, CPU). Another machine computes the same to within the tolerances
+# of tests/conftest.py (boxes 0.02 px, scores 1e-4); printed numbers carry their own rounding on top of that.
+
+BOX_TOL, SCORE_TOL = CROSS_RUN_TOLERANCE["bbox"], CROSS_RUN_TOLERANCE["score"]
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+# samples/shapes.jpg, classes "red circle, blue square, green triangle": (class, score, x1, y1, x2, y2), by score
+SHAPES = [("blue square", 0.95914, 175.42, 218.77, 241.79, 285.52),
+          ("blue square", 0.95638, 164.19, 4.3346, 216.43, 56.728),
+          ("red circle", 0.88448, 75.814, 103.39, 113.84, 141.26),
+          ("green triangle", 0.87236, 248.21, 219.21, 285.95, 262.85)]
+RED_TRIANGLE = ("red triangle", 0.8216, 165.2, 147.8, 212.8, 195.9)  # samples/classes/shapes.yaml adds it
+
+
+def assert_detections(got: list[tuple], want: list[tuple], box_step: float, score_step: float) -> None:
+    """(class, score, x1, y1, x2, y2) rows equal in order and class, numbers within the cross-run tolerance plus
+    half the step they were printed at."""
+    assert [g[0] for g in got] == [w[0] for w in want], got
+    for g, w in zip(got, want):
+        assert abs(g[1] - w[1]) <= SCORE_TOL + score_step / 2, (g, w)
+        assert max(abs(a - b) for a, b in zip(g[2:], w[2:])) <= BOX_TOL + box_step / 2, (g, w)
+
+
+def check_python_tour(out: str, err: str, cwd: Path) -> None:
+    """print(detections.xyxy, detections.confidence, detections.data["class_name"]), then the classes found after
+    set_classes(["green triangle"]), then the box counts of a batch of two (numpy prints 5 significant digits)."""
+    names_at = out.index("['")
+    names = re.findall(r"'([^']*)'", out[names_at:out.index("\n", names_at)])
+    numbers = [float(x) for x in NUMBER.findall(out[:names_at])]
+    assert len(numbers) == 5 * len(names), out
+    n = len(names)
+    rows = [(names[i], numbers[4 * n + i], *numbers[4 * i:4 * i + 4]) for i in range(n)]
+    assert_detections(rows, SHAPES, box_step=0.01, score_step=1e-5)
+    assert out[out.index("\n", names_at) + 1:].splitlines() == ["['green triangle']", "[0, 0]"]
+
+
+def check_shell_tour(out: str, err: str, cwd: Path) -> None:
+    """ovdet detect (text, then --json with the class file), annotate's summary, video's tracks."""
+    lines = out.splitlines()
+    assert "samples/shapes.jpg: 4 detections" in lines
+    text = [re.fullmatch(r"  (.+?) +(\d\.\d\d)  (.+)", line) for line in lines]
+    rows = [(m.group(1), float(m.group(2)), *map(float, m.group(3).split())) for m in text if m]
+    assert_detections(rows, SHAPES, box_step=0.1, score_step=0.01)
+    [record] = [json.loads(line) for line in lines if line.startswith("{")]
+    assert record["image"] == "samples/shapes.jpg"
+    rows = [(d["class"], d["score"], *d["xyxy"]) for d in record["detections"]]
+    assert_detections(rows, [*SHAPES, RED_TRIANGLE], box_step=0.1, score_step=1e-4)
+    assert "annotated 4 images in " in err
+    assert "; 6 detections: red circle 2, blue square 3, green triangle 1 -> labels" in err
+    frames = [json.loads(line) for line in (cwd / "tracked.jsonl").read_text().splitlines()]
+    assert [f["frame"] for f in frames] == list(range(64))
+    pairs = [f for f in frames if sorted(d["class"] for d in f["detections"]) == ["blue square", "red circle"]]
+    assert len(pairs) >= 60  # one red circle and one blue square move through the clip ...
+    for name in ("red circle", "blue square"):  # ... each followed as one track
+        ids = [d["track_id"] for f in pairs for d in f["detections"] if d["class"] == name]
+        assert max(ids.count(i) for i in set(ids)) >= 55, (name, ids)
+
+
+OUTPUT_CHECKS: dict[str, Callable[[str, str, Path], None]] = {
+    'print(detections.xyxy, detections.confidence, detections.data["class_name"])': check_python_tour,
+    "ovdet detect samples/shapes.jpg --model demo --classes samples/classes/shapes.yaml --json": check_shell_tour,
+}
+
+
+def test_every_output_check_finds_its_block():
+    """A README edit that drops or rewrites a checked block fails here instead of silently going unchecked."""
+    for marker in OUTPUT_CHECKS:
+        assert sum(marker in b.code for b in _real_blocks()) == 1, f"no single runnable README block holds {marker!r}"
