@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
-from ovdet.safeio import hold_root, release_root
+from ovdet.safeio import describe_entry, hold_root, release_root
 
 __all__ = ["LOCK_NAME", "RunLock", "filesystem_type", "lock_output", "read_holder"]
 
@@ -165,20 +165,8 @@ def _alive_here(holder: dict[str, Any] | None) -> bool:
 def _not_plain(path: Path, folder: Path) -> DatasetError:
     return DatasetError(
         f"refusing to use {path} as the lock file of {folder}: it is not a plain file of its own but "
-        f"{_what_is(path)}, so locking it would write into another file. ovdet never follows a link in an output "
+        f"{describe_entry(path)}, so locking it would write into another file. ovdet never follows a link in an output "
         f"folder; remove {path} (ovdet did not make it: it makes a fresh one) and run again.")
-
-
-def _what_is(path: Path) -> str:
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return f"a symbolic link (to {os.readlink(path)})"
-    if stat.S_ISREG(st.st_mode):
-        return f"a hard link (the same file has {st.st_nlink} names)"
-    return "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device file"
 
 
 def _open_locked(folder: Path) -> int | None:

@@ -36,7 +36,7 @@ _DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
 _READ = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0)
 
 
-def _describe(path: Path) -> str:
+def describe_entry(path: Path) -> str:
     """What is at `path` instead of a plain file or folder, in words."""
     try:
         st = os.lstat(path)
@@ -54,15 +54,15 @@ def _describe(path: Path) -> str:
 def not_plain_file(path: str | os.PathLike, what: str = "an output file") -> DatasetError:
     """The error for a name ovdet would write (or read as its own) that is not a plain file of its own."""
     path = Path(path)
-    return DatasetError(f"refusing to use {path} as {what}: it is not a plain file of its own but {_describe(path)}, "
-                        "so using it could read or change a file outside the folder. ovdet never follows a link "
-                        f"in a run or output folder: remove {path} (ovdet did not make it), or use another folder.")
+    return DatasetError(f"refusing to use {path} as {what}: it is not a plain file of its own but "
+                        f"{describe_entry(path)}, so using it could read or change a file outside the folder. "
+                        f"ovdet never follows a link in a run or output folder: remove {path} (ovdet did not make it), or use another folder.")
 
 
 def _not_plain_folder(path: Path, root: Path) -> DatasetError:
-    return DatasetError(f"{path} is {_describe(path)}, not a folder: ovdet writes only inside {root} and never follows "
-                        "a symbolic link below it. Remove the link (it was not made by ovdet), or choose another "
-                        "output folder.")
+    return DatasetError(f"{path} is {describe_entry(path)}, not a folder: ovdet writes only inside {root} and never "
+                        "follows a symbolic link below it. Remove the link (it was not made by ovdet), or choose "
+                        "another output folder.")
 
 
 def _open_chain(folder: str, root: str, create: bool) -> int:
