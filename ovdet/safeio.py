@@ -56,7 +56,8 @@ def not_plain_file(path: str | os.PathLike, what: str = "an output file") -> Dat
     path = Path(path)
     return DatasetError(f"refusing to use {path} as {what}: it is not a plain file of its own but "
                         f"{describe_entry(path)}, so using it could read or change a file outside the folder. "
-                        f"ovdet never follows a link in a run or output folder: remove {path} (ovdet did not make it), or use another folder.")
+                        f"ovdet never follows a link in a run or output folder: remove {path} (ovdet did not make "
+                        "it), or use another folder.")
 
 
 def _not_plain_folder(path: Path, root: Path) -> DatasetError:
