@@ -114,6 +114,14 @@ def test_record_toggle_twice_makes_two_files(tmp_path):
     assert video_props(first)[0] == 2 and video_props(second)[0] == 2
 
 
+@pytest.mark.parametrize("key", [ord("q"), 27], ids=["q", "Esc"])
+def test_q_and_esc_quit(key):
+    """README: keys q/Esc quit."""
+    display = ScriptedDisplay(lambda d: key if d.polls == 4 else -1)
+    report = run_live(BlobDetector(), moving_square_frames(50), display=display, echo=lambda s: None)
+    assert report.frames == 4 and display.closed
+
+
 def test_window_closed_by_user_quits():
     display = ScriptedDisplay(lambda d: -2 if d.polls == 4 else -1)
     report = run_live(BlobDetector(), moving_square_frames(50), display=display, echo=lambda s: None)
