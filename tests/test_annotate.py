@@ -479,6 +479,22 @@ def test_cli_runs_and_reports(tmp_path, cli_checkpoint, capsys, monkeypatch):
     assert "input folder does not exist" in capsys.readouterr().err
 
 
+def test_cli_save_annotated_writes_previews_with_the_boxes(tmp_path, cli_checkpoint):
+    from ovdet.sources import load_image
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_images(src, 2)
+    assert main(cli_args(src, out, cli_checkpoint) + ["--format", "jsonl", "--save-annotated", "--quiet"]) == 0
+    recs = journal(out)
+    assert sorted(p.stem for p in (out / "annotated").iterdir()) == sorted(r["key"] for r in recs)
+    for rec in recs:
+        preview = cv2.imread(str(out / "annotated" / f"{rec['key']}.jpg"))
+        plain = cv2.imdecode(cv2.imencode(".jpg", load_image(rec["path"]), [cv2.IMWRITE_JPEG_QUALITY, 90])[1],
+                             cv2.IMREAD_COLOR)
+        assert rec["detections"] and not np.array_equal(preview, plain)
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["settings"]["save_annotated"] is True
+
+
 def check_outputs_valid(out: Path) -> int:
     """Every output file parses right now; returns the number of finished images."""
     if (out / "coco" / "annotations.json").exists():
