@@ -88,6 +88,17 @@ def save_world_checkpoint(model: WorldModel, path) -> None:
     torch.save({"model": model, "train_args": {}}, path)
 
 
+def outline_difference(drawn: np.ndarray, plain: np.ndarray, box) -> float:
+    """Mean absolute difference of two images on the 1-pixel outline of `box` (x1, y1, x2, y2, image pixels)."""
+    h, w = plain.shape[:2]
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    x1, x2 = min(max(x1, 0), w - 1), min(max(x2, 0), w - 1)
+    y1, y2 = min(max(y1, 0), h - 1), min(max(y2, 0), h - 1)
+    ring = np.zeros((h, w), bool)
+    ring[y1, x1:x2 + 1] = ring[y2, x1:x2 + 1] = ring[y1:y2 + 1, x1] = ring[y1:y2 + 1, x2] = True
+    return float(np.abs(drawn.astype(int) - plain.astype(int))[ring].mean())
+
+
 def random_embeddings(num_classes: int, dim: int = 512, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     emb = torch.randn(num_classes, dim, generator=gen)

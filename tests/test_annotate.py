@@ -19,8 +19,8 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import (CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, random_embeddings,
-                      random_world_model, scene)
+from conftest import (CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, outline_difference,
+                      random_embeddings, random_world_model, scene)
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import DatasetError, ResumeMismatchError
@@ -194,17 +194,6 @@ def test_every_format_parses_back_with_unicode_class_names(tiny_detector, tmp_pa
     assert [c["name"] for c in settings["classes"]["classes"]] == CLASSES
     assert settings["model"] == tiny_detector.model_id and settings["text_model"] == tiny_detector.text_identity
     assert tiny_detector.embeddings_source == tiny_detector.text_identity
-
-
-def outline_difference(drawn: np.ndarray, plain: np.ndarray, box) -> float:
-    """Mean absolute difference of two images on the 1-pixel outline of `box` (x1, y1, x2, y2, image pixels)."""
-    h, w = plain.shape[:2]
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    x1, x2 = min(max(x1, 0), w - 1), min(max(x2, 0), w - 1)
-    y1, y2 = min(max(y1, 0), h - 1), min(max(y2, 0), h - 1)
-    ring = np.zeros((h, w), bool)
-    ring[y1, x1:x2 + 1] = ring[y2, x1:x2 + 1] = ring[y1:y2 + 1, x1] = ring[y1:y2 + 1, x2] = True
-    return float(np.abs(drawn.astype(int) - plain.astype(int))[ring].mean())
 
 
 def test_previews_show_the_boxes(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scene
+from conftest import outline_difference, scene
 from ovdet import OVDetector
 from ovdet.cli import main
 from ovdet.errors import ClassSpecError, ImageReadError, InvalidImageError, UnknownModelError, WeightsNotFoundError
@@ -140,17 +140,6 @@ def test_cli_detect_without_weights_offline(tmp_path, capsys):
     cv2.imwrite(str(image), scene(64, 64))
     assert main(["detect", str(image), "--classes", "person"]) == 2
     assert "ovdet weights import" in capsys.readouterr().err
-
-
-def outline_difference(drawn: np.ndarray, plain: np.ndarray, box) -> float:
-    """Mean absolute difference of two images on the 1-pixel outline of `box` (x1, y1, x2, y2, image pixels)."""
-    h, w = plain.shape[:2]
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    x1, x2 = min(max(x1, 0), w - 1), min(max(x2, 0), w - 1)
-    y1, y2 = min(max(y1, 0), h - 1), min(max(y2, 0), h - 1)
-    ring = np.zeros((h, w), bool)
-    ring[y1, x1:x2 + 1] = ring[y2, x1:x2 + 1] = ring[y1:y2 + 1, x1] = ring[y1:y2 + 1, x2] = True
-    return float(np.abs(drawn.astype(int) - plain.astype(int))[ring].mean())
 
 
 def test_the_demo_detects_at_the_size_it_was_trained_at():

@@ -13,8 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import boto3
 import cv2
+import moto.server as moto_server
+import psutil
 import pytest
+import ray
 import torch
 
 from conftest import CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, scene
@@ -23,8 +27,6 @@ from ovdet.cli import main
 from ovdet.distributed import RayEngine
 from ovdet.errors import EngineError, ModelError
 
-ray = pytest.importorskip("ray")
-psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = "red circle, blue square, green triangle"
@@ -39,7 +41,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on 127.0.0.1; its address and credentials are in the environment the cluster inherits."""
-    moto_server = pytest.importorskip("moto.server")
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -245,7 +246,6 @@ def test_parts_left_by_a_dead_driver_are_merged_not_redone(cluster, images, demo
 
 
 def test_file_uri_and_s3_sources(cluster, s3_server, images, demo, reference, tmp_path):
-    boto3 = pytest.importorskip("boto3")
     out = tmp_path / "file_uri"
     annotate_folder(images.as_uri(), CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
     assert_same_outputs(out, reference)

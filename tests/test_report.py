@@ -145,7 +145,7 @@ def test_eval_run_saves_ground_truth_and_report_has_eval_data(eval_run):
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium import webdriver  # the test extra: a missing selenium is a broken install, not a skip
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
