@@ -99,6 +99,31 @@ def outline_difference(drawn: np.ndarray, plain: np.ndarray, box) -> float:
     return float(np.abs(drawn.astype(int) - plain.astype(int))[ring].mean())
 
 
+def deny_reading(path: Path, monkeypatch) -> None:
+    """Make `path` unreadable: mode 0, and where that does not stop this process (root), opening it raises the
+    PermissionError (EACCES) the kernel gives everyone else, from every way of opening a file."""
+    import builtins
+    import errno
+    import io
+
+    path.chmod(0)
+    if os.geteuid() != 0:
+        return
+    target = os.path.realpath(path)
+
+    def denied(real):
+        def guarded(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and kwargs.get("dir_fd") is None \
+                    and os.path.realpath(file) == target:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+            return real(file, *args, **kwargs)
+        return guarded
+
+    monkeypatch.setattr(builtins, "open", denied(builtins.open))
+    monkeypatch.setattr(io, "open", denied(io.open))
+    monkeypatch.setattr(os, "open", denied(os.open))
+
+
 def random_embeddings(num_classes: int, dim: int = 512, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     emb = torch.randn(num_classes, dim, generator=gen)

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import (CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, outline_difference,
+from conftest import (CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, deny_reading, outline_difference,
                       random_embeddings, random_world_model, scene)
 from ovdet import annotate_folder
 from ovdet.cli import main
@@ -248,31 +248,6 @@ def test_bad_files_are_recorded_and_skipped(tmp_path):
     assert again.images_done == 1 and again.images_already_done == 3 and len(again.skipped) == 4
     assert sorted(e["image"] for e in errors(out)) == sorted(set(bad) - {"text.jpg"})
     assert_exactly_once(out, set(good) | {"text.jpg"})
-
-
-def deny_reading(path: Path, monkeypatch) -> None:
-    """Make `path` unreadable: mode 0, and where that does not stop this process (root), opening it raises the
-    PermissionError (EACCES) the kernel gives everyone else, from every way of opening a file."""
-    import builtins
-    import errno
-    import io
-
-    path.chmod(0)
-    if os.geteuid() != 0:
-        return
-    target = os.path.realpath(path)
-
-    def denied(real):
-        def guarded(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and kwargs.get("dir_fd") is None \
-                    and os.path.realpath(file) == target:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
-            return real(file, *args, **kwargs)
-        return guarded
-
-    monkeypatch.setattr(builtins, "open", denied(builtins.open))
-    monkeypatch.setattr(io, "open", denied(io.open))
-    monkeypatch.setattr(os, "open", denied(os.open))
 
 
 def test_unreadable_file_is_recorded(tmp_path, monkeypatch):

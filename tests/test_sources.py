@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import threading
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from conftest import deny_reading
 from ovdet import sources
 from ovdet.errors import DatasetError, ImageReadError, InvalidImageError
 from ovdet.sources import iter_image_files, list_image_files, load_image, prefetch_images
@@ -173,30 +173,6 @@ def test_missing_file_and_directory(tmp_path):
         load_image(tmp_path / "nope.jpg")
     with pytest.raises(ImageReadError, match="directory"):
         load_image(tmp_path)
-
-
-def deny_reading(path: Path, monkeypatch) -> None:
-    """Make `path` unreadable: mode 0, and where that does not stop this process (root), opening it raises the
-    PermissionError (EACCES) the kernel gives everyone else, from every way of opening a file."""
-    import builtins
-    import errno
-
-    path.chmod(0)
-    if os.geteuid() != 0:
-        return
-    target = os.path.realpath(path)
-
-    def denied(real):
-        def guarded(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and kwargs.get("dir_fd") is None \
-                    and os.path.realpath(file) == target:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
-            return real(file, *args, **kwargs)
-        return guarded
-
-    monkeypatch.setattr(builtins, "open", denied(builtins.open))
-    monkeypatch.setattr(io, "open", denied(io.open))
-    monkeypatch.setattr(os, "open", denied(os.open))
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
