@@ -156,12 +156,18 @@ def test_the_polyglot_is_refused_by_every_load_path_and_nothing_is_written(tmp_p
     assert tree_digest(tmp_path, home) == before
 
 
-def test_torchscript_is_refused_even_when_both_readers_agree(tmp_path):
+def scripted_overwriter(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A victim file and a plain torch.jit.save archive (both zip readers agree) whose loading would overwrite it."""
     victim = tmp_path / "victim.txt"
     victim.write_bytes(PRECIOUS)
-    path = tmp_path / "model.pt"
+    path = tmp_path / name
     with pytest.warns(FutureWarning):
         torch.jit.save(torch.jit.script(Overwriter(str(victim))), str(path))
+    return victim, path
+
+
+def test_torchscript_is_refused_even_when_both_readers_agree(tmp_path):
+    victim, path = scripted_overwriter(tmp_path, "model.pt")
     with pytest.raises(WeightsUnsafeError, match="TorchScript archive .*constants.pkl"):
         load_checkpoint(path)
     assert victim.read_bytes() == PRECIOUS
@@ -170,11 +176,7 @@ def test_torchscript_is_refused_even_when_both_readers_agree(tmp_path):
 def test_a_torchscript_text_tower_that_would_run_code_is_refused_by_the_text_loader(tmp_path):
     from ovdet.text import TextEncoder
 
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(PRECIOUS)
-    path = tmp_path / "ViT-B-32.pt"
-    with pytest.warns(FutureWarning):
-        torch.jit.save(torch.jit.script(Overwriter(str(victim))), str(path))
+    victim, path = scripted_overwriter(tmp_path, "ViT-B-32.pt")
     with pytest.raises(WeightsCorruptError, match="custom saved state"):
         TextEncoder.load(path)
     assert victim.read_bytes() == PRECIOUS
