@@ -20,13 +20,11 @@ from ovdet.distributed.parts import PARTS, RUN_TOKEN, write_part
 from ovdet.distributed.storage import Source, SourceReader
 from ovdet.errors import EngineError, ImageError
 from ovdet.prompts import ClassSpec
-from ovdet.runfolder import error_record
+from ovdet.runfolder import ORIGINALS, error_record  # OUT/originals: copies of object-store images
 from ovdet.safeio import ensure_dir
 from ovdet.sinks import ImageRecord, PreviewWriter, atomic_write
 
 __all__ = ["Annotator", "DetectorPayload", "WorkerSpec"]
-
-ORIGINALS = "originals"  # under OUT: copies of object-store images, which the YOLO / VOC image entries link to
 
 
 @dataclass
