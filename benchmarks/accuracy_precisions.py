@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from ovdet import OVDetector
-from ovdet.evaluate import evaluate, load_dataset
-from ovdet.synth import WorldSpec, generate
+from ovdet.jobs.evaluate import evaluate, load_dataset
+from ovdet.jobs.synth import WorldSpec, generate
 
 ROWS = [("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
 

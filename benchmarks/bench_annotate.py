@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import random_embeddings, random_world_model, save_world_checkpoint, scene  # noqa: E402
 
 from ovdet import OVDetector, annotate_folder  # noqa: E402
-from ovdet.sources import load_image  # noqa: E402
+from ovdet.media.sources import load_image  # noqa: E402
 
 NAMES = [f"class {i}" for i in range(80)]
 

@@ -43,7 +43,7 @@ OVDET_SIDES = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("
 
 
 def text_tower():
-    from ovdet.text import TextEncoder
+    from ovdet.text.tower import TextEncoder
 
     return TextEncoder.random(seed=0, hidden_size=512, num_hidden_layers=12, num_attention_heads=8)
 
@@ -175,7 +175,7 @@ def main() -> None:
 def run(args, work: Path) -> None:
     import openvino as ov
 
-    from ovdet.export import export_model
+    from ovdet.jobs.export import export_model
 
     home = work / "home"
     os.environ["OVDET_HOME"] = str(home)  # fresh embedding and compiled-model caches, not the user's

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import random_world_model, save_world_checkpoint, scene  # noqa: E402
 
 from ovdet import OVDetector  # noqa: E402
-from ovdet.text import TextEncoder  # noqa: E402
+from ovdet.text.tower import TextEncoder  # noqa: E402
 
 COCO80 = ("person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
           "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag "

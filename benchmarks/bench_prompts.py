@@ -95,8 +95,8 @@ def main() -> None:
 
         from conftest import random_world_model, save_world_checkpoint
         from ovdet import OVDetector
-        from ovdet.embedding_cache import EmbeddingCache
-        from ovdet.text import TextEncoder
+        from ovdet.text.cache import EmbeddingCache
+        from ovdet.text.tower import TextEncoder
 
         folder, ckpt = Path(tmp) / "clip-vit-b32-random", Path(tmp) / "yolov8s-worldv2.pt"
         tower = TextEncoder.random(seed=0, hidden_size=512, num_hidden_layers=12, num_attention_heads=8)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_annotate import NAMES, detector, make_folder, world_checkpoint  # noqa: E402
 
 from ovdet import annotate_folder  # noqa: E402
-from ovdet.distributed import RayEngine  # noqa: E402
+from ovdet.engines.ray import RayEngine  # noqa: E402
 
 
 def run_once(det, src: Path, out: Path, args: argparse.Namespace, engine) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ovdet.relabel import relabel_run
+from ovdet.jobs.relabel import relabel_run
 from ovdet.report import write_report
 
 CLASSES = ["person", "helmet", "forklift", "pallet", "vest"]

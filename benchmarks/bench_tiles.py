@@ -46,7 +46,7 @@ def make_world(out: Path, args: argparse.Namespace) -> dict:
     """The benchmark's images, written once: big.png, folder/*.png, huge.png."""
     import cv2
 
-    from ovdet.synth import WorldSpec, image_rng, render
+    from ovdet.jobs.synth import WorldSpec, image_rng, render
 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -81,7 +81,7 @@ def make_world(out: Path, args: argparse.Namespace) -> dict:
 
 def load_ovdet(args: argparse.Namespace):
     from ovdet import OVDetector
-    from ovdet.synth import WorldSpec
+    from ovdet.jobs.synth import WorldSpec
 
     det = OVDetector(args.model, device=args.device, conf=0.25, max_det=100_000, backend=args.backend,
                      threads=args.threads)
@@ -172,7 +172,7 @@ def timed(fn, runs: int):
 
 
 def _demo_path() -> str:
-    from ovdet.weights import DEMO_FILE
+    from ovdet.weights.registry import DEMO_FILE
 
     return str(DEMO_FILE)
 
@@ -211,8 +211,8 @@ def matched(reference: list[np.ndarray], ours: list[np.ndarray], iou: float = 0.
 
 
 def map_case(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float]]:
-    from ovdet.evaluate import evaluate, load_dataset
-    from ovdet.synth import WorldSpec, generate
+    from ovdet.jobs.evaluate import evaluate, load_dataset
+    from ovdet.jobs.synth import WorldSpec, generate
     from ovdet.tiling import TileSpec
 
     data = tmp / "map-world"

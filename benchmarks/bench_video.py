@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import random_embeddings, random_world_model, save_world_checkpoint, scene  # noqa: E402
 
 from ovdet import OVDetector  # noqa: E402
-from ovdet.video import process_video  # noqa: E402
+from ovdet.video.job import process_video  # noqa: E402
 
 CLASSES = ["person", "car", "bus", "bicycle", "dog", "backpack", "traffic light", "bench", "cup", "phone"]
 

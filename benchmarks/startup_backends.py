@@ -22,7 +22,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import numpy as np, torch
 from ovdet import OVDetector
-from ovdet.text import TextEncoder
+from ovdet.text.tower import TextEncoder
 t1 = time.perf_counter()
 model, backend, precision, imgsz, threads = sys.argv[1:6]
 det = OVDetector(model, text_model=TextEncoder.random(seed=0), device="cpu", backend=backend, precision=precision,

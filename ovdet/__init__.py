@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ovdet.version import __version__
+
 __all__ = ["OVDetector", "annotate_folder", "__version__"]
 
-_LAZY = {"OVDetector": "ovdet.detector", "annotate_folder": "ovdet.annotate"}
+_LAZY = {"OVDetector": "ovdet.detector", "annotate_folder": "ovdet.jobs.annotate"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,14 +10,14 @@ import numpy as np
 import supervision as sv
 import torch
 
-from ovdet.embedding_cache import LazyTextEncoder
+from ovdet.text.cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError, ModelError
-from ovdet.prompts import ClassSpec, parse_classes
-from ovdet.sources import load_image
-from ovdet.text import TextEncoder
+from ovdet.text.prompts import ClassSpec, parse_classes
+from ovdet.media.sources import load_image
+from ovdet.text.tower import TextEncoder
 from ovdet.tiling import TileSpec, detect_tiled, tile_source, tile_spec
-from ovdet.weights import state_digest
-from ovdet.world import WorldDetector
+from ovdet.util.hashing import state_digest
+from ovdet.model.world import WorldDetector
 
 
 def parse_class_names(classes: str | Sequence[str]) -> list[str]:
@@ -110,7 +110,7 @@ class OVDetector:
                     templates: bool | Sequence[str] | None = None, reduce: str | None = None) -> None:
         """Set what to find; takes effect on the next detect call. `classes`: a list or comma string with inline
         syntax ("person|man" synonyms, "!reflection" negatives), a .yaml/.json class file, or a ClassSpec (see
-        ovdet.prompts). Cached prompt embeddings are reused; the text tower is loaded only for new prompts."""
+        ovdet.text.prompts). Cached prompt embeddings are reused; the text tower is loaded only for new prompts."""
         spec = parse_classes(classes, templates=templates, reduce=reduce)
         embeddings = spec.embed(self._text.encode)
         self._use(spec, embeddings, source=self._text.identity)
@@ -169,7 +169,7 @@ class OVDetector:
 
     def stream(self, source: Any, track: bool = False, **kwargs: Any) -> Iterator[tuple[np.ndarray, sv.Detections]]:
         """Yield (frame, detections) for a video file, camera index, URL or iterable of frames."""
-        from ovdet.stream import stream
+        from ovdet.media.stream import stream
 
         return stream(self, source, track=track, **kwargs)
 

@@ -1,7 +1,7 @@
 """Names and values that option parsers share with the modules behind them; stdlib only, so `ovdet --help` is fast.
 
-Each value is defined here once: the modules that use it (ovdet.backends, ovdet.sinks, ovdet.export, ovdet.prompts,
-ovdet.synth, ovdet.live, ovdet.embedding_cache) import it from here and re-export it under their own names, and the
+Each value is defined here once: the modules that use it (ovdet.backends, ovdet.datasets.writers, ovdet.jobs.export, ovdet.text.prompts,
+ovdet.jobs.synth, ovdet.video.live, ovdet.text.cache) import it from here and re-export it under their own names, and the
 CLI builds its options from here without importing torch, OpenCV or transformers.
 """
 
@@ -12,21 +12,21 @@ BACKENDS = ("auto", "torch", "openvino", "onnxruntime", "tensorrt")
 BACKEND_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BACKEND_ENV = "OVDET_BACKEND"  # what backend="auto" means when set (e.g. torch)
 
-# ovdet.sinks: the dataset formats a run writes
+# ovdet.datasets.writers: the dataset formats a run writes
 DATASET_FORMATS = ("coco", "yolo", "voc", "jsonl")
 
-# ovdet.export: format -> how ultralytics recognises an exported file by its name (AutoBackend looks at the
+# ovdet.jobs.export: format -> how ultralytics recognises an exported file by its name (AutoBackend looks at the
 # suffix), and the precisions an exported file can hold
 EXPORT_FORMATS = {"onnx": ".onnx", "openvino": "_openvino_model", "engine": ".engine"}
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 
-# ovdet.prompts: how a class's phrasings combine into one score
+# ovdet.text.prompts: how a class's phrasings combine into one score
 REDUCTIONS = ("max", "mean")
 
-# ovdet.embedding_cache: the environment variable that sets the cache's size limit in megabytes
+# ovdet.text.cache: the environment variable that sets the cache's size limit in megabytes
 EMBEDDING_CACHE_MB_ENV = "OVDET_EMBEDDING_CACHE_MB"
 
-# ovdet.synth: BGR colours an object (or a piece of clutter) can have, by name; shapes; the default vocabulary
+# ovdet.jobs.synth: BGR colours an object (or a piece of clutter) can have, by name; shapes; the default vocabulary
 SYNTH_PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (30, 30, 220),
     "green": (40, 180, 40),
@@ -42,5 +42,5 @@ SYNTH_SHAPES = ("circle", "square", "triangle", "star")
 SYNTH_DEFAULT_COLOURS = ("red", "green", "blue")
 SYNTH_DEFAULT_SHAPES = ("circle", "square", "triangle")
 
-# ovdet.live: the keys of the live window, as its help line and `ovdet webcam --help` show them
+# ovdet.video.live: the keys of the live window, as its help line and `ovdet webcam --help` show them
 LIVE_KEYS_HELP = "keys: q/Esc quit · space pause · s snapshot · r record on/off · c change classes"

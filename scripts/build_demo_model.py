@@ -2,10 +2,10 @@
 
     python scripts/build_demo_model.py            # ~11-20 min on 2 (shared) CPU cores
 
-Steps, all seeded: generate the synth dataset (ovdet.synth), make the fixed random text tower
+Steps, all seeded: generate the synth dataset (ovdet.jobs.synth), make the fixed random text tower
 (TextEncoder.random(seed=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=2)), train
-yolov8n-worldv2 from its yaml config with ovdet.train, copy the checkpoint (fp16, text tower embedded)
-to the asset path, then score it on the val split and on a held-out world (another seed) with ovdet.evaluate.
+yolov8n-worldv2 from its yaml config with ovdet.jobs.train, copy the checkpoint (fp16, text tower embedded)
+to the asset path, then score it on the val split and on a held-out world (another seed) with ovdet.jobs.evaluate.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 
 from ovdet.detector import OVDetector
-from ovdet.evaluate import evaluate, load_dataset
-from ovdet.synth import WorldSpec, generate
-from ovdet.text import TextEncoder
-from ovdet.train import train
+from ovdet.jobs.evaluate import evaluate, load_dataset
+from ovdet.jobs.synth import WorldSpec, generate
+from ovdet.text.tower import TextEncoder
+from ovdet.jobs.train import train
 
 ASSET = Path(__file__).resolve().parents[1] / "ovdet" / "assets" / "demo-world.pt"
 TOWER = {"seed": 0, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2}

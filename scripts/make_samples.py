@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ovdet.synth import PALETTE, WorldSpec, render
+from ovdet.jobs.synth import PALETTE, WorldSpec, render
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -61,7 +61,7 @@ def copy_photos(roots: list[Path]) -> None:
 
 
 def make_images() -> None:
-    """shapes.jpg and shapes/shape_N.jpg: 320x320 scenes from ovdet.synth (the demo model's world), seeded.
+    """shapes.jpg and shapes/shape_N.jpg: 320x320 scenes from ovdet.jobs.synth (the demo model's world), seeded.
 
     shapes.jpg is the first scene (seeds [7, k], k = 0, 1, ...) that holds all of HEADLINE; the folder gets the
     first four other scenes.

@@ -14,7 +14,7 @@ import torch
 from ultralytics.nn.modules.head import WorldDetect
 from ultralytics.nn.tasks import WorldModel
 
-from ovdet.world import _quiet_ultralytics
+from ovdet.model.world import _quiet_ultralytics
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +153,7 @@ def clip_stand_in(monkeypatch):
     in the registry (ovdet checks a registry file against it on load, and would rightly refuse the stand-in)."""
     import dataclasses
 
-    from ovdet import weights
+    from ovdet.weights import registry as weights
 
     spec = weights.REGISTRY[weights.DEFAULT_TEXT_MODEL]
     monkeypatch.setitem(weights.REGISTRY, spec.name, dataclasses.replace(spec, sha256=None))
@@ -169,7 +169,7 @@ def tiny_world_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_text_encoder():
-    from ovdet.text import TextEncoder
+    from ovdet.text.tower import TextEncoder
 
     return TextEncoder.random(seed=0)
 

@@ -24,7 +24,7 @@ from conftest import (CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text,
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import DatasetError, ResumeMismatchError
-from ovdet.runlock import LOCK_NAME, read_holder
+from ovdet.runs.lock import LOCK_NAME, read_holder
 
 CLASSES = ["red box", "chat noir ü", "交通 灯"]
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_every_format_parses_back_with_unicode_class_names(tiny_detector, tmp_pa
 def test_previews_show_the_boxes(tmp_path):
     """Each preview is its image with every journal box drawn on it: on the box outlines it differs from the same
     image JPEG-encoded as the preview is (quality 90), which it would equal pixel for pixel with nothing drawn."""
-    from ovdet.sources import load_image
+    from ovdet.media.sources import load_image
 
     src, out = tmp_path / "src", tmp_path / "out"
     make_images(src, 3)
@@ -415,7 +415,7 @@ def test_quiet_prints_nothing_and_summary_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory):
     """A random yolov8n-worldv2 checkpoint that carries its (random, small) text tower, so the CLI runs offline."""
-    from ovdet.text import TextEncoder
+    from ovdet.text.tower import TextEncoder
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-ovdet.pt"
     torch.save({"model": random_world_model(seed=0), "train_args": {},
@@ -444,7 +444,7 @@ def test_cli_runs_and_reports(tmp_path, cli_checkpoint, capsys, monkeypatch):
 
 
 def test_cli_save_annotated_writes_previews_with_the_boxes(tmp_path, cli_checkpoint):
-    from ovdet.sources import load_image
+    from ovdet.media.sources import load_image
 
     src, out = tmp_path / "src", tmp_path / "out"
     make_images(src, 2)

@@ -17,8 +17,8 @@ from ovdet.backends import graph
 from ovdet.backends.cache import CompiledCache, CompiledCacheWarning
 from ovdet.cli import main
 from ovdet.errors import ModelError
-from ovdet.weights import DEMO_FILE
-from ovdet.world import WorldDetector
+from ovdet.weights.registry import DEMO_FILE
+from ovdet.model.world import WorldDetector
 
 EXPORTED = ("openvino", "onnxruntime")
 KS = (1, 7, 80, 300)
@@ -272,8 +272,8 @@ def test_reduced_precision_keeps_the_demo_accuracy(demo_trio, module_home, tmp_p
     from pathlib import Path
 
     from ovdet.backends.openvino_backend import cpu_capabilities
-    from ovdet.evaluate import evaluate, load_dataset
-    from ovdet.synth import WorldSpec, generate
+    from ovdet.jobs.evaluate import evaluate, load_dataset
+    from ovdet.jobs.synth import WorldSpec, generate
 
     if precision == "bf16" and "BF16" not in cpu_capabilities():
         pytest.skip("this CPU has no bf16")

@@ -20,8 +20,8 @@ from conftest import scene
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import OutputLockedError
-from ovdet.relabel import relabel_run
-from ovdet.runlock import lock_output
+from ovdet.jobs.relabel import relabel_run
+from ovdet.runs.lock import lock_output
 
 CLASSES = ["red circle", "blue square"]
 # float32 scores, as a detector gives them: 0.3 and 0.5 are the thresholds tested below, each with a neighbour a
@@ -165,8 +165,8 @@ def test_report_refuses_a_run_folder_another_run_holds(run, capsys):
 
 
 def test_eval_refuses_an_output_folder_another_run_holds(tiny_detector, tmp_path, capsys):
-    from ovdet.evaluate import evaluate, load_dataset
-    from ovdet.synth import WorldSpec, generate
+    from ovdet.jobs.evaluate import evaluate, load_dataset
+    from ovdet.jobs.synth import WorldSpec, generate
 
     data = generate(tmp_path / "world", train=1, val=1, seed=5, spec=WorldSpec(imgsz=96), progress=False)
     out = tmp_path / "eval"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import supervision as sv
 
-from ovdet.capture import FrameIterable, VideoCapture, open_source
+from ovdet.media.capture import FrameIterable, VideoCapture, open_source
 from ovdet.detector import parse_class_names
 from ovdet.errors import InvalidImageError, SourceError
 

@@ -18,12 +18,12 @@ from ultralytics.utils import DEFAULT_CFG
 
 from conftest import random_world_model, save_world_checkpoint, scene
 from ovdet import OVDetector
-from ovdet.checkpoint import (ALLOWED_GLOBALS, check_model_config, convert_to_safetensors, load_checkpoint,
+from ovdet.weights.checkpoint import (ALLOWED_GLOBALS, check_model_config, convert_to_safetensors, load_checkpoint,
                               pickle_globals)
 from ovdet.cli import main
 from ovdet.errors import WeightsCorruptError, WeightsUnsafeError
-from ovdet.weights import DEMO_FILE, import_weights, weights_dir
-from ovdet.world import _quiet_ultralytics, load_world_checkpoint
+from ovdet.weights.registry import DEMO_FILE, import_weights, weights_dir
+from ovdet.model.world import _quiet_ultralytics, load_world_checkpoint
 
 WORLD_CONFIGS = [f"yolov8{size}-{version}.yaml" for version in ("world", "worldv2") for size in "smlx"]
 
@@ -246,15 +246,17 @@ def test_pair_config_cannot_run_code(tmp_path, tiny_world_checkpoint):
 
 
 def test_published_sha256_is_checked_on_load_and_cached(monkeypatch, tmp_path):
-    from ovdet import weights as w
+    from ovdet.weights import registry as w
 
     fake = w.weights_dir() / "ViT-B-32.pt"
     fake.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"x": torch.zeros(1)}, fake)
     monkeypatch.setattr(w, "_hf_snapshot", lambda repo: None)
     calls = []
-    real = w.file_sha256
-    monkeypatch.setattr(w, "file_sha256", lambda p: calls.append(p) or real(p))
+    from ovdet.util import hashing
+
+    real = hashing.file_sha256
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: calls.append(p) or real(p))
     for _ in range(2):
         with pytest.raises(WeightsCorruptError, match="not the published ViT-B-32.pt"):
             w.resolve_text_model(None)
@@ -314,8 +316,8 @@ class TinyClipText(torch.nn.Module):
 
 
 def test_torchscript_clip_weights_are_read_without_torchscript_and_equal_jit_loads(tmp_path, monkeypatch):
-    from ovdet.scriptstate import torchscript_state_dict
-    from ovdet.torchzip import opened
+    from ovdet.weights.scriptstate import torchscript_state_dict
+    from ovdet.weights.torchzip import opened
 
     torch.manual_seed(0)
     path = tmp_path / "ViT-tiny.pt"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import ovdet
+import ovdet.version
 from ovdet.cli import COMMANDS, main
-from ovdet.weights import DEMO_FILE
+from ovdet.weights.registry import DEMO_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # Libraries that take seconds and hundreds of megabytes to import; the parser and --help need none of them.
@@ -69,7 +69,7 @@ def test_version_falls_back_to_the_package_version(monkeypatch, capsys):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
-    monkeypatch.setattr(ovdet, "__version__", "9.8.7")
+    monkeypatch.setattr(ovdet.version, "__version__", "9.8.7")
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0

@@ -9,8 +9,8 @@ import pytest
 import supervision as sv
 
 from ovdet.cli import main
-from ovdet.synth import WorldSpec, background, generate, image_rng
-from ovdet.weights import DEMO_FILE
+from ovdet.jobs.synth import WorldSpec, background, generate, image_rng
+from ovdet.weights.registry import DEMO_FILE
 
 pytestmark = pytest.mark.skipif(
     not DEMO_FILE.is_file(),
@@ -34,7 +34,7 @@ def demo():
 
 
 def _ap50(det, data, prompt):
-    from ovdet.evaluate import evaluate, load_dataset
+    from ovdet.jobs.evaluate import evaluate, load_dataset
 
     result = evaluate(det, load_dataset(data, split="val"), classes=[prompt], progress=False)
     assert [c.name for c in result.classes] == [prompt]
@@ -43,7 +43,7 @@ def _ap50(det, data, prompt):
 
 def _hits(det, data, prompt, conf=0.25):
     """Detections of `prompt` at `conf`, counted by the ground-truth class they overlap (IoU ≥ 0.5) or 'none'."""
-    from ovdet.evaluate import load_dataset
+    from ovdet.jobs.evaluate import load_dataset
 
     ds = load_dataset(data, split="val")
     det.set_classes([prompt])
@@ -69,7 +69,7 @@ def test_demo_resolves_by_name_and_carries_its_text_tower(demo):
 
 @pytest.mark.parametrize("prompt, other", [("red circle", "blue square"), ("blue square", "red circle")])
 def test_prompt_decides_what_is_found(demo, held_out, prompt, other):
-    from ovdet.evaluate import load_dataset
+    from ovdet.jobs.evaluate import load_dataset
 
     assert _ap50(demo, held_out, prompt) >= 0.9
     ds = load_dataset(held_out, split="val")

@@ -148,7 +148,7 @@ def test_the_demo_detects_at_the_size_it_was_trained_at():
     import re
     from pathlib import Path
 
-    from ovdet.weights import DEMO_FILE
+    from ovdet.weights.registry import DEMO_FILE
 
     assert DEMO_FILE.is_file(), f"the demo model {DEMO_FILE} ships with ovdet"
     notes = (Path(__file__).resolve().parents[1] / "ovdet" / "assets" / "README.md").read_text(encoding="utf-8")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import supervision as sv
 
-from ovdet.draw import draw
+from ovdet.media.draw import draw
 
 H, W = 200, 320
 

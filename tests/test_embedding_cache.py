@@ -16,9 +16,9 @@ from transformers import CLIPTextModelWithProjection
 from conftest import random_world_model
 from ovdet import OVDetector
 from ovdet.cli import main
-from ovdet.embedding_cache import EmbeddingCache, LazyTextEncoder, state_identity
-from ovdet.text import TextEncoder
-from ovdet.world import TEXT_ENCODER_KEY
+from ovdet.text.cache import EmbeddingCache, LazyTextEncoder, state_identity
+from ovdet.text.tower import TextEncoder
+from ovdet.model.world import TEXT_ENCODER_KEY
 
 COCO_LIKE = ["person", "bicycle", "car", "traffic light", "dog", "red backpack", "wine glass", "teddy bear"]
 TOWER = "tower@0123456789abcdef"
@@ -258,7 +258,7 @@ def test_embedded_tower_cache_hit(tmp_path, request):
 
 
 def test_default_openai_file_tower_hit_and_weight_change(tiny_world_checkpoint, monkeypatch, clip_stand_in):
-    from ovdet.weights import weights_dir
+    from ovdet.weights.registry import weights_dir
 
     weights_dir().mkdir(parents=True)
     path = weights_dir() / "ViT-B-32.pt"

@@ -1,4 +1,4 @@
-"""ovdet.evaluate: the metric equals pycocotools, datasets load, prompts map to dataset classes."""
+"""ovdet.jobs.evaluate: the metric equals pycocotools, datasets load, prompts map to dataset classes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pycocotools.coco import COCO  # the test extra installs it: imported, never
 from pycocotools.cocoeval import COCOeval
 
 from ovdet.errors import DatasetError
-from ovdet.evaluate import compute_map, evaluate, load_dataset, parse_mapping
+from ovdet.jobs.evaluate import compute_map, evaluate, load_dataset, parse_mapping
 
 NAMES = ["red circle", "blue square", "green triangle"]
 # Hand-made ground truth: per image, rows of (class, x1, y1, x2, y2) in pixels of a 200x160 image.
@@ -288,8 +288,8 @@ def random_checkpoint(tmp_path):
     import torch
     from ultralytics.nn.tasks import WorldModel
 
-    from ovdet.text import TextEncoder
-    from ovdet.world import TEXT_ENCODER_KEY, _quiet_ultralytics
+    from ovdet.text.tower import TextEncoder
+    from ovdet.model.world import TEXT_ENCODER_KEY, _quiet_ultralytics
 
     torch.manual_seed(0)
     with _quiet_ultralytics():

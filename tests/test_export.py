@@ -11,7 +11,7 @@ from conftest import scene
 from ovdet import OVDetector
 from ovdet.cli import main
 from ovdet.errors import ClassSpecError, ModelError
-from ovdet.export import export_model
+from ovdet.jobs.export import export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["red circle", "blue square", "green triangle"]

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from ovdet import OVDetector
-from ovdet.checkpoint import load_checkpoint, world_model_of
+from ovdet.weights.checkpoint import load_checkpoint, world_model_of
 from ovdet.cli import main
 from ovdet.errors import ModelError, OVDetError, WeightsCorruptError, WeightsUnsafeError
-from ovdet.weights import DEMO_FILE
+from ovdet.weights.registry import DEMO_FILE
 
 PRECIOUS = b"precious"  # what the victim file holds; the payload overwrites it with AAAAAAAA
 
@@ -174,7 +174,7 @@ def test_torchscript_is_refused_even_when_both_readers_agree(tmp_path):
 
 
 def test_a_torchscript_text_tower_that_would_run_code_is_refused_by_the_text_loader(tmp_path):
-    from ovdet.text import TextEncoder
+    from ovdet.text.tower import TextEncoder
 
     victim, path = scripted_overwriter(tmp_path, "ViT-B-32.pt")
     with pytest.raises(WeightsCorruptError, match="custom saved state"):
@@ -193,13 +193,13 @@ class _System:
 def test_the_unpickler_itself_refuses_globals_outside_the_allowlist(tmp_path, monkeypatch):
     """With the opcode pre-scan switched off, the restricted unpickler is what stands between the file and
     os.system: it must refuse on its own."""
-    import ovdet.safepickle
+    import ovdet.weights.safepickle
 
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     torch.save({"model": _System(marker), "train_args": {}}, path)
     scans = []
-    monkeypatch.setattr(ovdet.safepickle, "scan_globals", lambda data: scans.append(len(data)) or set())
+    monkeypatch.setattr(ovdet.weights.safepickle, "scan_globals", lambda data: scans.append(len(data)) or set())
     with pytest.raises(WeightsUnsafeError) as exc:
         load_checkpoint(path)
     assert scans, "the pre-scan was bypassed"

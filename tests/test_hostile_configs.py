@@ -20,9 +20,9 @@ from conftest import random_world_model, save_world_checkpoint
 from ovdet import OVDetector
 from ovdet.cli import main
 from ovdet.errors import DatasetError, ModelError, OVDetWarning, WeightsUnsafeError
-from ovdet.modelconfig import build_world_model, check_model_config, read_model_yaml
-from ovdet.train import OVDetWorldTrainer, prepare_data
-from ovdet.world import WorldDetector, _quiet_ultralytics, load_world_checkpoint
+from ovdet.weights.modelconfig import build_world_model, check_model_config, read_model_yaml
+from ovdet.jobs.train import OVDetWorldTrainer, prepare_data
+from ovdet.model.world import WorldDetector, _quiet_ultralytics, load_world_checkpoint
 
 REAL_CONFIGS = [f"yolov8{size}-{version}.yaml" for version in ("world", "worldv2") for size in "nsmlx"]
 
@@ -297,7 +297,7 @@ def test_a_clean_data_yaml_is_passed_on_as_checked_data(tmp_path):
 
 def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tmp_path, monkeypatch,
                                                                              tiny_text_encoder):
-    import ovdet.world as world
+    import ovdet.model.world as world
 
     path, model = tmp_path / "big.pt", random_world_model()
     torch.save({"model": model, "train_args": {"imgsz": 40000}}, path)
@@ -319,7 +319,7 @@ def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tm
     with pytest.raises(ModelError, match="imgsz 40000"):
         det.detect(np.zeros((64, 64, 3), np.uint8), imgsz=40000)
     assert sizes == [(640, 640)]  # refused before a letterbox was made
-    from ovdet.world import checkpoint_imgsz
+    from ovdet.model.world import checkpoint_imgsz
 
     for claimed in ([1280, 40000], "640; x", -1, True):
         with pytest.warns(OVDetWarning, match="imgsz"):
@@ -329,12 +329,12 @@ def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tm
 
 
 def test_cli_trust_data_reaches_train(monkeypatch, tmp_path):
-    import ovdet.train
-    from ovdet.train import TrainResult
+    import ovdet.jobs.train
+    from ovdet.jobs.train import TrainResult
 
     seen = []
     result = TrainResult(tmp_path / "model.pt", dict.fromkeys(("precision", "recall", "mAP50", "mAP50-95"), 0.0), 1, 0)
-    monkeypatch.setattr(ovdet.train, "train", lambda *a, **kw: seen.append(kw) or result)
+    monkeypatch.setattr(ovdet.jobs.train, "train", lambda *a, **kw: seen.append(kw) or result)
     for flags, trusted in (([], False), (["--trust-data"], True)):
         assert main(["train", str(tmp_path), "--classes-from-data", "--quiet", *flags]) == 0
         assert seen.pop()["trust_data"] is trusted

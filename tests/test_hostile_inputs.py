@@ -18,14 +18,14 @@ import pytest
 import yaml
 
 from ovdet.cli import main
-from ovdet.display import UNSAFE, json_shown, shown
-from ovdet.embedding_cache import LazyTextEncoder
+from ovdet.util.display import UNSAFE, json_shown, shown
+from ovdet.text.cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError
-from ovdet.output_keys import KEY_BYTES, flat_key
-from ovdet.progress import LineProgress, progress
-from ovdet.prompts import ClassEntry, ClassSpec, parse_classes
-from ovdet.text import TextEncoder
-from ovdet.write_errors import output_write_error
+from ovdet.datasets.keys import KEY_BYTES, flat_key
+from ovdet.util.progress import LineProgress, progress
+from ovdet.text.prompts import ClassEntry, ClassSpec, parse_classes
+from ovdet.text.tower import TextEncoder
+from ovdet.runs.write_errors import output_write_error
 
 SAMPLE = sorted((Path(__file__).resolve().parents[1] / "samples" / "shapes").glob("*.jpg"))[0]
 CLASSES = "red circle,blue square"

@@ -25,7 +25,7 @@ from test_report import _open, _wait_render, browser  # noqa: F401  (browser: th
 from ovdet.report import write_report
 from ovdet.report.data import build_data
 from ovdet.report.page import render
-from ovdet.runfolder import load_run
+from ovdet.runs.folder import load_run
 
 # Every payload records which field it came from in window.pwned, and most also rename the page.
 KIND = ("annotate<img src=x onerror=\"window.pwned='kind';document.title='pwned'\">\n\t"

@@ -19,10 +19,10 @@ import pytest
 
 from ovdet.cli import main
 from ovdet.errors import DatasetError, OVDetError
-from ovdet.relabel import relabel_run
+from ovdet.jobs.relabel import relabel_run
 from ovdet.report import write_report
-from ovdet.runlock import LOCK_NAME, lock_output
-from ovdet.sinks import repair_journal
+from ovdet.runs.lock import LOCK_NAME, lock_output
+from ovdet.datasets.writers import repair_journal
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "shapes"
 CLASSES = "red circle,blue square"

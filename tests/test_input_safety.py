@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from ovdet.cli import main
-from ovdet.embedding_cache import EmbeddingCache
+from ovdet.text.cache import EmbeddingCache
 from ovdet.errors import ClassSpecError, WeightsCorruptError
-from ovdet.prompts import parse_classes
-from ovdet.text import TextEncoder
+from ovdet.text.prompts import parse_classes
+from ovdet.text.tower import TextEncoder
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "shapes"
 CLASSES = "red circle,blue square"

@@ -19,7 +19,7 @@ from conftest import random_world_model
 from test_capture import BlobDetector, make_video, moving_square_frames, video_props
 
 from ovdet.cli import main
-from ovdet.live import run_live
+from ovdet.video.live import run_live
 
 TESTS = Path(__file__).resolve().parent
 
@@ -225,7 +225,7 @@ WINDOW_SCRIPT = textwrap.dedent("""
     import numpy as np
     import supervision as sv
     from PIL import ImageGrab
-    from ovdet.live import CvWindow, run_live
+    from ovdet.video.live import CvWindow, run_live
 
     class OneBox:  # the smallest detector the loop accepts (keeps torch out of this process)
         conf, classes = 0.25, ["square"]

@@ -1,4 +1,4 @@
-"""ovdet.progress: tqdm on a terminal; whole lines (done/total, rate, ETA, no carriage returns) in a log; quiet."""
+"""ovdet.util.progress: tqdm on a terminal; whole lines (done/total, rate, ETA, no carriage returns) in a log; quiet."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 from tqdm import tqdm
 
-from ovdet.progress import LineProgress, progress
+from ovdet.util.progress import LineProgress, progress
 
 
 class Terminal(io.StringIO):
@@ -63,7 +63,7 @@ def test_train_quiet_silences_ultralytics_and_logs_get_no_redraw_frames(monkeypa
     from ultralytics.utils import LOGGER
     from ultralytics.utils.tqdm import TQDM
 
-    from ovdet.train import _ultralytics_output
+    from ovdet.jobs.train import _ultralytics_output
 
     with _ultralytics_output(quiet=True):
         LOGGER.info("an info line")

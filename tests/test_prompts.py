@@ -13,7 +13,7 @@ from ultralytics.utils import nms, ops
 
 from conftest import random_embeddings, scene
 from ovdet.errors import ClassSpecError
-from ovdet.prompts import DEFAULT_TEMPLATES, ClassEntry, ClassSpec, parse_classes
+from ovdet.text.prompts import DEFAULT_TEMPLATES, ClassEntry, ClassSpec, parse_classes
 
 IMAGE = scene(120, 160, seed=1)
 EMB_SEED = 4  # with IMAGE, these random embeddings give the tiny detector boxes of all three classes

@@ -24,7 +24,7 @@ import torch
 from conftest import CROSS_RUN_TOLERANCE, assert_close_data, assert_close_text, scene
 from ovdet import OVDetector, annotate_folder
 from ovdet.cli import main
-from ovdet.distributed import RayEngine
+from ovdet.engines.ray import RayEngine
 from ovdet.errors import EngineError, ModelError
 
 
@@ -203,7 +203,7 @@ def test_a_killed_worker_is_retried_and_every_image_is_written_once(cluster, ima
 
 def test_a_killed_driver_resumes_with_only_what_is_missing(cluster, images, reference, tmp_path):
     out = tmp_path / "out"
-    script = ("import sys; from ovdet import annotate_folder; from ovdet.distributed import RayEngine; "
+    script = ("import sys; from ovdet import annotate_folder; from ovdet.engines.ray import RayEngine; "
               f"annotate_folder(sys.argv[1], {CLASSES!r}, sys.argv[2], model='demo', device='cpu', batch=2, quiet=True, "
               "engine=RayEngine(address=sys.argv[3], part_size=2))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -310,7 +310,7 @@ def test_engine_options_need_the_ray_engine(tmp_path, capsys):
 
 
 def test_a_worker_that_cannot_see_the_output_folder_refuses(tmp_path):
-    from ovdet.distributed.worker import _check_token
+    from ovdet.engines.ray.worker import _check_token
 
     (tmp_path / ".ovdet-ray").mkdir()
     (tmp_path / ".ovdet-ray" / "run").write_text("abc")

@@ -13,9 +13,9 @@ import yaml
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import DatasetError, RelabelError
-from ovdet.relabel import relabel_run
-from ovdet.synth import WorldSpec, generate
-from ovdet.weights import DEMO_FILE
+from ovdet.jobs.relabel import relabel_run
+from ovdet.jobs.synth import WorldSpec, generate
+from ovdet.weights.registry import DEMO_FILE
 
 CLASSES = ["red circle", "blue square", "green triangle", "red square"]
 RUN_CONF = 0.05

@@ -18,8 +18,8 @@ from ovdet.cli import main
 from ovdet.errors import DatasetError
 from ovdet.report import write_report
 from ovdet.report.evalstats import match_image
-from ovdet.synth import WorldSpec, generate
-from ovdet.weights import DEMO_FILE
+from ovdet.jobs.synth import WorldSpec, generate
+from ovdet.weights.registry import DEMO_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = "red circle,blue square,green triangle"

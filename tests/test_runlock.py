@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from ovdet import runlock
+from ovdet.runs import lock as runlock
 from ovdet.errors import DatasetError, OutputLockedError, UnreliableLockWarning
-from ovdet.runlock import LOCK_NAME, lock_output, read_holder
-from ovdet.safeio import atomic_write, ensure_dir
+from ovdet.runs.lock import LOCK_NAME, lock_output, read_holder
+from ovdet.util.safeio import atomic_write, ensure_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from ovdet.runlock import lock_output
+    from ovdet.runs.lock import lock_output
     with lock_output(sys.argv[1], command="holder-test --out X"):
         print("locked", flush=True)
         time.sleep(600)

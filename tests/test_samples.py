@@ -104,7 +104,7 @@ def test_video_has_frames(path):
 
 @pytest.mark.parametrize("path", of_kind(CLASS_SUFFIXES), ids=lambda p: p.name)
 def test_class_file_parses(path):
-    from ovdet.prompts import load_class_file
+    from ovdet.text.prompts import load_class_file
 
     spec = load_class_file(path)  # raises ClassSpecError, with file and line, on any mistake
     assert len(spec.names) >= 3

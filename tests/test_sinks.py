@@ -1,4 +1,4 @@
-"""ovdet.sinks: atomic files, the JSONL journal, and each dataset format parsed back by its own tools."""
+"""ovdet.datasets.writers: atomic files, the JSONL journal, and each dataset format parsed back by its own tools."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import supervision as sv
 import yaml
 
 from ovdet.errors import DatasetError
-from ovdet.safeio import ensure_dir
-from ovdet.sinks import (
+from ovdet.util.safeio import ensure_dir
+from ovdet.datasets.writers import (
     CocoWriter,
     ImageRecord,
     Journal,
@@ -53,7 +53,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_atomic_write_crash_leaves_old_file_intact(tmp_path):
     path = tmp_path / "f.json"
     atomic_write(path, '{"old": true}')
-    with mock.patch("ovdet.sinks.os.replace", side_effect=OSError("simulated crash")), pytest.raises(OSError):
+    with mock.patch("ovdet.datasets.writers.os.replace", side_effect=OSError("simulated crash")), pytest.raises(OSError):
         atomic_write(path, '{"new": tr')
     assert json.loads(path.read_text()) == {"old": True}
     assert no_temp_files(tmp_path)  # a failed write removes its temporary file at once
@@ -84,7 +84,7 @@ def test_temporary_name_is_random_and_created_exclusively(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".f.json.aaaa.ovdet-tmp").symlink_to(victim)  # planted where the first draw lands
-    with mock.patch("ovdet.safeio.secrets.token_hex", side_effect=["aaaa", "bbbb"]):
+    with mock.patch("ovdet.util.safeio.secrets.token_hex", side_effect=["aaaa", "bbbb"]):
         with atomic_open(out / "f.json", "w") as fh:
             assert sorted(os.listdir(out)) == [".f.json.aaaa.ovdet-tmp", ".f.json.bbbb.ovdet-tmp"]
             fh.write("{}")

@@ -1,4 +1,4 @@
-"""ovdet.sources: load_image on every kind of input, strict errors, folder walks, threaded prefetch."""
+"""ovdet.media.sources: load_image on every kind of input, strict errors, folder walks, threaded prefetch."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import deny_reading
-from ovdet import sources
+from ovdet.media import sources
 from ovdet.errors import DatasetError, ImageReadError, InvalidImageError
-from ovdet.sources import iter_image_files, list_image_files, load_image, prefetch_images
+from ovdet.media.sources import iter_image_files, list_image_files, load_image, prefetch_images
 
 
 def pattern(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""ovdet.synth: seeded, valid YOLO datasets of coloured shapes."""
+"""ovdet.jobs.synth: seeded, valid YOLO datasets of coloured shapes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import yaml
 
 from ovdet.cli import main
 from ovdet.errors import DatasetError
-from ovdet.evaluate import load_dataset
-from ovdet.synth import PALETTE, WorldSpec, generate, image_rng, render
+from ovdet.jobs.evaluate import load_dataset
+from ovdet.jobs.synth import PALETTE, WorldSpec, generate, image_rng, render
 
 
 def _files(root):

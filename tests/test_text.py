@@ -13,7 +13,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel
 
 from ovdet.errors import ClassSpecError, ModelError, WeightsCorruptError, WeightsNotFoundError
-from ovdet.text import EOT_TOKEN_ID, SOT_TOKEN_ID, TextEncoder, tokenize
+from ovdet.text.tower import EOT_TOKEN_ID, SOT_TOKEN_ID, TextEncoder, tokenize
 
 LONG_PROMPT = "a very long prompt about " + " ".join(f"object{i}" for i in range(60))
 TRICKY = [

@@ -7,9 +7,9 @@ import pytest
 import supervision as sv
 
 from ovdet.errors import TileError
-from ovdet.synth import WorldSpec, image_rng, render
+from ovdet.jobs.synth import WorldSpec, image_rng, render
 from ovdet.tiling import TileSpec, detect_tiled, greedy_groups, merge_detections, tile_grid
-from ovdet.weights import DEMO_FILE
+from ovdet.weights.registry import DEMO_FILE
 
 needs_demo = pytest.mark.skipif(not DEMO_FILE.is_file(), reason=f"demo model {DEMO_FILE} is absent")
 # The demo model knows 160-pixel shapes 14-51 px across: on this canvas untiled detection shrinks them 3x.
@@ -246,7 +246,7 @@ def test_demo_tiles_run_in_batched_forwards(demo, canvas, monkeypatch):
 
 @needs_demo
 def test_demo_thresholds_and_negatives_act_per_tile_as_without_tiling(demo, canvas):
-    from ovdet.prompts import ClassEntry, ClassSpec
+    from ovdet.text.prompts import ClassEntry, ClassSpec
 
     image = canvas[0]
     names = CANVAS.names
@@ -339,7 +339,7 @@ def test_eval_and_annotate_commands_tile(canvas_world, demo, tmp_path, capsys):
     import json
 
     from ovdet.cli import main
-    from ovdet.evaluate import evaluate, load_dataset
+    from ovdet.jobs.evaluate import evaluate, load_dataset
 
     untiled = evaluate(demo, load_dataset(canvas_world), progress=False).map50
     assert main(["eval", str(canvas_world), "--model", "demo", "--device", "cpu", "--json", "--quiet",
@@ -370,7 +370,7 @@ def test_eval_and_annotate_commands_tile(canvas_world, demo, tmp_path, capsys):
 def test_large_files_are_read_in_strips_with_the_same_pixels(tmp_path, kind):
     import cv2
 
-    from ovdet.sources import load_image
+    from ovdet.media.sources import load_image
     from ovdet.tiling.reader import VipsTiles, tile_source
 
     import pyvips  # noqa: F401  (the test extra installs it: a broken install fails here, never skips)

@@ -1,4 +1,4 @@
-"""ovdet.train / `ovdet train`: ultralytics' trainer with ovdet's text tower, checkpoints OVDetector loads."""
+"""ovdet.jobs.train / `ovdet train`: ultralytics' trainer with ovdet's text tower, checkpoints OVDetector loads."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 import yaml
 
 from ovdet import OVDetector
-from ovdet.checkpoint import ALLOWED_GLOBALS, load_checkpoint, pickle_globals
+from ovdet.weights.checkpoint import ALLOWED_GLOBALS, load_checkpoint, pickle_globals
 from ovdet.cli import main
 from ovdet.errors import DatasetError
-from ovdet.synth import WorldSpec, generate
-from ovdet.text import TextEncoder
-from ovdet.train import prepare_data
-from ovdet.world import TEXT_ENCODER_KEY, load_world_checkpoint
+from ovdet.jobs.synth import WorldSpec, generate
+from ovdet.text.tower import TextEncoder
+from ovdet.jobs.train import prepare_data
+from ovdet.model.world import TEXT_ENCODER_KEY, load_world_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import yaml
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import DatasetError, OVDetWarning, ResumeMismatchError
-from ovdet.evaluate import load_dataset
-from ovdet.splits import ValSplit
+from ovdet.jobs.evaluate import load_dataset
+from ovdet.datasets.splits import ValSplit
 from test_annotate import CLASSES, FakeDetector, assert_exactly_once, journal, make_images
 
 N = 20
@@ -127,7 +127,7 @@ def test_old_runs_without_split_settings_still_resume(src, tmp_path):
 def test_ultralytics_trains_on_both_splits(src, tmp_path):
     from ultralytics import YOLO
 
-    from ovdet.world import _quiet_ultralytics
+    from ovdet.model.world import _quiet_ultralytics
 
     out = tmp_path / "out"
     run(src, out, val_split=0.3)

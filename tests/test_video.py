@@ -13,8 +13,8 @@ from test_capture import BlobDetector, make_video, moving_square_frames, video_p
 
 from ovdet.cli import main
 from ovdet.errors import SourceError
-from ovdet.stream import Tracker, stream
-from ovdet.video import VideoOutputError, process_video
+from ovdet.media.stream import Tracker, stream
+from ovdet.video.job import VideoOutputError, process_video
 
 
 def read_jsonl(path) -> list[dict]:

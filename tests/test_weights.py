@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ovdet.cli
-from ovdet import weights
+from ovdet.weights import registry as weights
 from ovdet.errors import ModelError, UnknownModelError, WeightsCorruptError, WeightsNotFoundError
 
 IMPORT_HINT = "ovdet weights import PATH"

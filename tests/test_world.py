@@ -11,7 +11,7 @@ from ultralytics.utils import NUM_THREADS
 from conftest import random_embeddings, random_world_model, save_world_checkpoint, scene
 from ovdet import OVDetector
 from ovdet.errors import ModelError, WeightsCorruptError
-from ovdet.world import select_device
+from ovdet.util.device import select_device
 
 NAMES = [f"class {i}" for i in range(20)]
 

@@ -17,7 +17,7 @@ import pytest
 from ovdet import annotate_folder
 from ovdet.cli import main
 from ovdet.errors import OutputWriteError
-from ovdet.write_errors import output_write_error
+from ovdet.runs.write_errors import output_write_error
 from test_annotate import CLASSES, FakeDetector, assert_exactly_once, journal, make_images, snapshot
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

@@ -2,7 +2,7 @@
 
 `torch` runs ultralytics' model as it is; `openvino`, `onnxruntime` (and `tensorrt`) run the live-vocabulary graph
 (`graph.LiveWorldGraph`), exported once per weights and kept in the compiled-model cache: the text embeddings are an
-input, so a vocabulary change never exports again. Everything after the head stays in ovdet.world, shared.
+input, so a vocabulary change never exports again. Everything after the head stays in ovdet.model.world, shared.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
     `auto` (or None) is $OVDET_BACKEND when set, else OpenVINO on a CPU when it is installed, TensorRT on CUDA when
     installed, else torch. Precision defaults to fp16 for torch / TensorRT on CUDA (half=False: fp32), fp32
     elsewhere; `half=True` means precision fp16."""
-    from ovdet.world import select_device
+    from ovdet.util.device import select_device
 
     name = (backend or "auto").strip().lower()
     reason = ""

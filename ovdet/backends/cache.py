@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ovdet.errors import ModelError, OVDetWarning
-from ovdet.weights import home
+from ovdet.weights.registry import home
 
 GRAPH_VERSION = 1  # bump when LiveWorldGraph or the export settings change what a file computes
 META = "meta.json"

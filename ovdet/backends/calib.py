@@ -29,7 +29,7 @@ def default_calibration_folder() -> Path:
 
 def calibration_files(calib: str | os.PathLike | None) -> tuple[list[Path], Path]:
     """Up to MAX_IMAGES image files of `calib` (default: default_calibration_folder()), evenly spread, sorted."""
-    from ovdet.sources import list_image_files
+    from ovdet.media.sources import list_image_files
 
     folder = Path(calib) if calib is not None else default_calibration_folder()
     if not folder.is_dir():
@@ -51,7 +51,7 @@ def make_calibration(calib: str | os.PathLike | None, imgsz: int,
                      preprocess: Callable[[list[np.ndarray], int], torch.Tensor]) -> Calibration:
     """A Calibration over the files of `calib`, letterboxed at `imgsz` by `preprocess` (as detection does).
     Its digest covers the files' bytes and imgsz, so other images give another cached int8 model."""
-    from ovdet.sources import load_image
+    from ovdet.media.sources import load_image
 
     files, folder = calibration_files(calib)
     digest = hashlib.sha256(str(imgsz).encode())

@@ -8,8 +8,9 @@ import sys
 import warnings
 from typing import TextIO
 
-from ovdet.display import shown
+from ovdet.util.display import shown
 from ovdet.errors import OVDetError, OVDetWarning
+from ovdet.version import package_version
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
 COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "report", "relabel", "train", "eval", "synth",
@@ -23,18 +24,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
-
-
-def package_version() -> str:
-    """ovdet's version: the installed distribution's (importlib.metadata), else the package's own __version__."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ovdet")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        import ovdet
-
-        return ovdet.__version__
 
 
 class _VersionAction(argparse._VersionAction):

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
-from ovdet.display import shown
+from ovdet.util.display import shown
 from ovdet.errors import DatasetError
 from ovdet.options import DATASET_FORMATS as FORMATS
 
 if TYPE_CHECKING:
-    from ovdet.distributed import RayEngine
+    from ovdet.engines.ray import RayEngine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,13 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     engine: str | RayEngine = "local"
     if args.engine == "ray":  # the workers build their detectors on --device; the driver encodes classes on its CPU
-        from ovdet.distributed import RayEngine
+        from ovdet.engines.ray import RayEngine
 
         engine = RayEngine(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker)
     elif args.workers is not None or args.ray_address is not None:
         raise DatasetError("--workers and --ray-address are options of --engine ray; add --engine ray to use them")
-    from ovdet.annotate import annotate_folder
+    from ovdet.jobs.annotate import annotate_folder
 
     summary = annotate_folder(
         args.src, args.classes, args.out, formats=args.format,

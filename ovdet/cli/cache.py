@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
     from ovdet.backends.cache import CompiledCache
-    from ovdet.embedding_cache import EmbeddingCache
+    from ovdet.text.cache import EmbeddingCache
 
     cache = EmbeddingCache()
     compiled = CompiledCache()

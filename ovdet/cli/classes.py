@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_trust_option
-from ovdet.display import shown
+from ovdet.util.display import shown
 from ovdet.options import REDUCTIONS
 
 if TYPE_CHECKING:
-    from ovdet.prompts import ClassSpec
+    from ovdet.text.prompts import ClassSpec
 
 _SPEC_HELP = ('a class file (.yaml/.yml/.json) or a comma-separated list with inline syntax, e.g. '
               '"person|man|woman,helmet,!reflection" (| joins synonyms, ! marks a negative prompt)')
@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
-    from ovdet.embedding_cache import EmbeddingCache, LazyTextEncoder
-    from ovdet.world import select_device
+    from ovdet.text.cache import EmbeddingCache, LazyTextEncoder
+    from ovdet.util.device import select_device
 
     texts, cache = spec.texts(), EmbeddingCache()
     if args.model is not None:
@@ -80,13 +80,13 @@ def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
     """Write spec's embedding rows (all cached by now) to args.save."""
     import numpy as np
 
-    from ovdet.embedding_cache import LazyTextEncoder
+    from ovdet.text.cache import LazyTextEncoder
 
     state = None
     if args.model is not None and not str(args.model).endswith((".yaml", ".yml")):
-        from ovdet.checkpoint import TEXT_ENCODER_KEY
-        from ovdet.weights import resolve_detector
-        from ovdet.world import load_world_checkpoint
+        from ovdet.weights.checkpoint import TEXT_ENCODER_KEY
+        from ovdet.weights.registry import resolve_detector
+        from ovdet.model.world import load_world_checkpoint
 
         state = load_world_checkpoint(resolve_detector(args.model), trust_weights=args.trust_weights)[1] \
             .get(TEXT_ENCODER_KEY)
@@ -99,7 +99,7 @@ def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
-    from ovdet.prompts import parse_classes
+    from ovdet.text.prompts import parse_classes
 
     spec = parse_classes(args.spec, templates=args.templates, reduce=args.reduce)
     if args.classes_action == "show":

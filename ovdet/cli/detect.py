@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
-from ovdet.display import json_shown, shown
+from ovdet.util.display import json_shown, shown
 from ovdet.errors import ImageError
 
 
@@ -29,8 +29,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import cv2
 
-    from ovdet.draw import draw
-    from ovdet.sources import load_image
+    from ovdet.media.draw import draw
+    from ovdet.media.sources import load_image
 
     det = build_detector(args)
     tiling = {"tile": tile_options(args)} if args.tile is not None else {}

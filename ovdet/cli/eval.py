@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report and not args.out:
         raise DatasetError("--report needs --out DIR: the folder the run and its report are saved in")
     from ovdet.detector import parse_class_names
-    from ovdet.evaluate import evaluate, load_dataset, parse_mapping
+    from ovdet.jobs.evaluate import evaluate, load_dataset, parse_mapping
 
     dataset = load_dataset(args.data, split=args.split)
     mapping = parse_mapping(args.map, dataset.names)

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ovdet.export import export_model
+    from ovdet.jobs.export import export_model
 
     result = export_model(args.model, args.format, classes=args.classes, out=args.out, precision=args.precision,
                           imgsz=args.imgsz, calib=args.calib, text_model=args.text_model,

@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ovdet.relabel import relabel_run
+    from ovdet.jobs.relabel import relabel_run
 
     summary = relabel_run(args.run_dir, args.out, conf=args.conf, default_conf=args.default_conf,
                           drop=args.drop_class or (), rename=args.rename, min_area=args.min_area, formats=args.format,

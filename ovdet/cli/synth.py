@@ -53,7 +53,7 @@ def _pair(text: str | None, sep: str, option: str, example: str) -> tuple[int, i
 
 
 def run(args: argparse.Namespace) -> int:
-    from ovdet.synth import WorldSpec, generate
+    from ovdet.jobs.synth import WorldSpec, generate
 
     spec = WorldSpec(colours=tuple(_words(args.colours)), shapes=tuple(_words(args.shapes)), imgsz=args.imgsz,
                      objects=(args.min_objects, args.max_objects),

@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ovdet.detector import parse_class_names
-    from ovdet.train import train  # ultralytics' trainer: imported only when training
+    from ovdet.jobs.train import train  # ultralytics' trainer: imported only when training
 
     classes = parse_class_names(args.classes) if args.classes else None
     overrides = dict(args.settings)

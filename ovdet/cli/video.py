@@ -35,7 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ovdet.video import process_video
+    from ovdet.video.job import process_video
 
     out = args.out
     if out is None and args.jsonl is None:

@@ -28,7 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ovdet.live import run_live
+    from ovdet.video.live import run_live
 
     det = build_detector(args)
     report = run_live(det, args.source, window=not args.no_window, record=args.record, out_dir=args.out_dir,

@@ -11,7 +11,7 @@ from ovdet.cli._common import add_trust_option
 
 def _describe_when_shown(parser: argparse.ArgumentParser, describe: Callable[[], str]) -> None:
     """Set parser.description from describe() only when its help is shown: the weights folder comes from
-    ovdet.weights, whose imports (tqdm, http.client) building the parser for every other command need not pay for."""
+    ovdet.weights.registry, whose imports (tqdm, http.client) building the parser for every other command need not pay for."""
     format_help = parser.format_help
 
     def format_help_described() -> str:
@@ -22,7 +22,7 @@ def _describe_when_shown(parser: argparse.ArgumentParser, describe: Callable[[],
 
 
 def _description() -> str:
-    from ovdet import weights
+    from ovdet.weights import registry as weights
 
     return f"Manage model weights. Files live in $OVDET_HOME/weights (now {weights.weights_dir()})."
 
@@ -74,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _list() -> int:
-    from ovdet import weights
+    from ovdet.weights import registry as weights
 
     rows = [(row.name, row.kind, str(row.path) if row.path else "missing") for row in weights.list_models()]
     header = ("NAME", "KIND", "LOCAL")
@@ -85,7 +85,7 @@ def _list() -> int:
 
 
 def _path(name: str, download: bool) -> int:
-    from ovdet import weights
+    from ovdet.weights import registry as weights
 
     spec = weights.lookup(name)
     if spec is not None and spec.kind == "text":
@@ -97,7 +97,7 @@ def _path(name: str, download: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action."""
-    from ovdet import weights
+    from ovdet.weights import registry as weights
 
     if args.weights_action == "list":
         return _list()
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.weights_action == "convert":
         from pathlib import Path
 
-        from ovdet.checkpoint import convert_to_safetensors
+        from ovdet.weights.checkpoint import convert_to_safetensors
 
         is_file = Path(args.path).expanduser().is_file()
         src = Path(args.path).expanduser() if is_file else weights.resolve_detector(args.path)

@@ -18,7 +18,7 @@ import numpy as np
 import supervision as sv
 
 from ovdet.report.evalstats import confusion, match_image, pr_curves
-from ovdet.runfolder import RunFolder
+from ovdet.runs.folder import RunFolder
 
 __all__ = ["EVAL_START_CONF", "build_data"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ovdet.report.data import build_data
 from ovdet.report.thumbs import make_thumbnails
-from ovdet.runfolder import load_run
-from ovdet.runlock import lock_output
-from ovdet.sinks import atomic_write
+from ovdet.runs.folder import load_run
+from ovdet.runs.lock import lock_output
+from ovdet.datasets.writers import atomic_write
 
 __all__ = ["REPORT_NAME", "write_report"]
 

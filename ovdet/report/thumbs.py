@@ -10,9 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ovdet.progress import progress
-from ovdet.safeio import Folder
-from ovdet.sources import prefetch_images
+from ovdet.util.progress import progress
+from ovdet.util.safeio import Folder
+from ovdet.media.sources import prefetch_images
 
 __all__ = ["THUMB_SIZE", "make_thumbnails"]
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ovdet.errors import ImageReadError
-from ovdet.sources import load_image
+from ovdet.media.sources import load_image
 from ovdet.tiling.run import ArrayTiles, TileSource
 
 # Files with more pixels than this are read in strips of rows (with pyvips), never decoded whole: ~120 MB as BGR.

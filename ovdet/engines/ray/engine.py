@@ -1,0 +1,289 @@
+"""The Ray Data engine of `annotate`: a streaming actor pool over a cluster, part files merged by the driver.
+
+The driver (the process that called annotate_folder) holds the output folder's lock, encodes the classes
+once, puts the detector (weights and class embeddings) into the object store once, lists the source
+lazily into object-store blocks of (image, output key) rows for Ray Data. `map_batches` runs them through a pool of
+`Annotator` actors (one detector each, on `cpus_per_worker` CPUs or `gpus_per_worker` GPUs); Ray restarts a
+worker that dies and retries its batch. Each batch comes back as a part file, which the driver merges
+through the local engine's writers (predictions.jsonl last), so both engines write the same outputs.
+
+Exactly once: an image is merged only if predictions.jsonl does not hold it yet, and output keys are given
+out by the driver in folder order, as the local engine does. A killed driver leaves finished parts behind;
+the next run merges them first and then does only the images that are still missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ovdet.engines.ray.parts import PARTS, RUN_TOKEN, list_parts, part_dir, part_prefix, read_part
+from ovdet.engines.ray.storage import Source, open_source
+from ovdet.engines.ray.worker import Annotator, DetectorPayload, WorkerSpec
+from ovdet import errors
+from ovdet.errors import DatasetError, EngineError, OVDetError
+from ovdet.util.progress import progress
+from ovdet.datasets.writers import ImageRecord, atomic_write, remove_stale_temp_files
+
+if TYPE_CHECKING:  # the run object comes from ovdet.jobs.annotate, which imports this package lazily
+    from ovdet.jobs.annotate import _Run
+
+__all__ = ["RayEngine"]
+
+_INSTALL_HINT = 'pip install "ovdet[ray]"'
+
+
+@dataclass(frozen=True)
+class RayEngine:
+    """annotate on Ray Data: `annotate_folder(..., engine=RayEngine(workers=4, gpus_per_worker=1))`.
+
+    `address`: a Ray cluster ("auto", "ray://head:10001", "10.0.0.5:6379"); None joins the cluster running
+    on this machine if there is one, else starts a local one. `workers`: detector actors (default: as many
+    as the cluster has CPUs / GPUs for). `device` / `half` / `backend` / `precision` / `calib` apply to the workers (the driver encodes the
+    classes on its CPU). `part_size`: images per worker call and part file (default: from the batch and the
+    number of images).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    device: str = "auto"
+    half: bool | None = None
+    part_size: int | None = None
+    backend: str = "auto"
+    precision: str | None = None
+    calib: str | None = None
+
+    def source(self, src: str | os.PathLike, recursive: bool = True) -> Source:
+        """Where the images are: a folder or a URI (see ovdet.engines.ray.storage)."""
+        return open_source(src, recursive=recursive)
+
+    def run(self, run: "_Run", source: Source, done: set[str], detector: Any, detect_kwargs: dict[str, Any],
+            batch: int, quiet: bool) -> tuple[int, int]:
+        """Annotate what `done` lacks into `run`'s writers; returns (images found, images already done)."""
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or (self.workers is not None and self.workers < 1):
+            raise EngineError("--workers must be at least 1, --cpus-per-worker above 0 and --gpus-per-worker 0 or "
+                              "more")
+        ray = _import_ray()
+        started = _connect(ray, self.address, quiet)
+        try:
+            return _Driver(self, ray, run, source, done, detector, detect_kwargs, batch, quiet).run()
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise EngineError(f"--engine ray needs Ray Data, which is not installed here ({exc}); {_INSTALL_HINT} "
+                          "(or use the default local engine)") from exc
+    return ray
+
+
+def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
+    """Join `address` (or the cluster running here, else a new local one); True if this call connected."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise EngineError(f"cannot connect to the Ray cluster at {address!r} ({exc}); start one with "
+                              "`ray start --head` (see the README) or leave --ray-address out to use this machine")
+        return True
+    try:
+        ray.init(address="auto", **kwargs)
+    except ConnectionError:  # no cluster running here: a local one for this run
+        ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def _payload(detector: Any) -> DetectorPayload:
+    """The detector's weights (a CPU float copy) and its class embeddings, to ship to every worker once."""
+    world = getattr(detector, "world", None)
+    model = getattr(world, "model", None)
+    spec = getattr(detector, "class_spec", None)
+    if model is None or spec is None or getattr(model, "txt_feats", None) is None:
+        raise EngineError(f"engine='ray' ships an OVDetector's weights and classes to its workers; a "
+                          f"{type(detector).__name__} has none. Pass an OVDetector (or model=...) instead.")
+    embeddings = model.txt_feats[0].detach().float().cpu()
+    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != embeddings.dtype:
+        model = copy.deepcopy(model).float().cpu()
+    return DetectorPayload(model, spec, embeddings, int(detector.imgsz))
+
+
+def _ovdet_cause(exc: BaseException) -> OVDetError | None:
+    """The ovdet error a worker raised, from inside Ray's wrappers (None if there is none).
+
+    A failed task carries the error itself; an actor whose constructor failed (ActorDiedError) only its
+    traceback text, whose last "ovdet.errors.Name: message" line is rebuilt into that error.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    texts = []
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OVDetError) and type(e).__module__.startswith("ovdet"):
+            return e
+        texts.append(str(e))
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    for text in texts:
+        found = _ERROR_LINE.findall(text)
+        if found:
+            kind = getattr(errors, found[-1][0], None)
+            if isinstance(kind, type) and issubclass(kind, OVDetError):
+                return kind(found[-1][1])
+    return None
+
+
+_ERROR_LINE = re.compile(r"^ovdet\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+class _Driver:
+    """One Ray run: merge leftovers, list into object-store blocks, run the actor pool, merge parts as they come."""
+
+    def __init__(self, engine: RayEngine, ray: Any, run: "_Run", source: Source, done: set[str], detector: Any,
+                 detect_kwargs: dict[str, Any], batch: int, quiet: bool):
+        self.engine, self.ray, self.run_, self.source, self.done = engine, ray, run, source, done
+        self.detector, self.detect_kwargs, self.batch, self.quiet = detector, detect_kwargs, batch, quiet
+        self.out: Path = run.out
+        self.token = uuid.uuid4().hex
+        self.merged = 0  # images of this run's parts written to the outputs (or to errors.jsonl)
+        self.errored: set[str] = set()  # images with an errors.jsonl record in this run
+
+    def run(self) -> tuple[int, int]:
+        folder = part_dir(self.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(folder)
+        atomic_write(self.out / PARTS / RUN_TOKEN, self.token)
+        # Parts that a killed driver did not merge: their images are done. Their errors are dropped, as
+        # every run retries unreadable files.
+        for path in list_parts(self.out):
+            self._merge(path)
+
+        found = already = 0
+        for rel in self.source.list_images():  # a first walk to count (a folder is not held in memory)
+            found += 1
+            already += rel in self.done
+        if not found:
+            raise DatasetError(f"{self.source.uri}: no image files found; point to a folder or prefix of images")
+        todo = found - already
+        workers = self._workers()
+        part = self.engine.part_size or max(self.batch, min(256, math.ceil(todo / (4 * workers))))
+        part = math.ceil(part / self.batch) * self.batch
+        with progress(total=found, initial=already, unit="img", desc="annotate", quiet=self.quiet) as bar:
+            if todo:
+                payload = [self.ray.put(_payload(self.detector))]  # shipped once; kept referenced for restarts
+                spec = WorkerSpec(payload, str(self.out), self.token, self.source, self.detect_kwargs, self.batch,
+                                  self.engine.device, self.engine.half, max(1, int(self.engine.cpus_per_worker)),
+                                  self.run_.preview is not None, self.engine.backend, self.engine.precision,
+                                  self.engine.calib)
+                blocks = self._blocks(part)
+                for row in self._execute(blocks, spec, min(workers, len(blocks)), part):
+                    self._merge(folder / str(row["part"]))
+                    bar.update(int(row["images"]))
+                    self.run_.maybe_checkpoint()
+            for path in list_parts(self.out):  # a retried call that wrote its part twice: nothing new in it
+                self._merge(path)
+        if self.merged < todo:
+            raise EngineError(f"{todo - self.merged} of {todo} images came back from no Ray worker; run the same "
+                              "command again to do them")
+        shutil.rmtree(self.out / PARTS)  # finished: the folder holds what the local engine writes, nothing more
+        return found, already
+
+    def _blocks(self, part: int) -> list[Any]:
+        """The images to do, with their output keys (given out in folder order), as object-store blocks of `part`
+        rows: the driver holds references, not the list."""
+        import pyarrow as pa
+
+        blocks, images, keys = [], [], []
+        for rel in self.source.list_images():
+            if rel in self.done:
+                continue
+            images.append(rel)
+            keys.append(self.run_.key_for(rel))
+            if len(images) == part:
+                blocks.append(self.ray.put(pa.table({"image": images, "key": keys})))
+                images, keys = [], []
+        if images:
+            blocks.append(self.ray.put(pa.table({"image": images, "key": keys})))
+        return blocks
+
+    def _workers(self) -> int:
+        if self.engine.workers:
+            return int(self.engine.workers)
+        resources = self.ray.cluster_resources()
+        if self.engine.gpus_per_worker > 0:
+            kind, per = "GPU", self.engine.gpus_per_worker
+        else:
+            kind, per = "CPU", self.engine.cpus_per_worker
+        n = int(resources.get(kind, 0) // per)
+        if n < 1:
+            raise EngineError(f"the Ray cluster has {resources.get(kind, 0):g} {kind}s, not enough for one worker of "
+                              f"{per:g}; lower --{kind.lower()}s-per-worker or add nodes")
+        return n
+
+    def _execute(self, blocks: list[Any], spec: WorkerSpec, workers: int, part: int) -> Iterator[dict[str, Any]]:
+        """Run the blocks through the actor pool; yields {"part", "images"} rows as parts finish."""
+        ray = self.ray
+        context = ray.data.DataContext.get_current()
+        bars, context.enable_progress_bars = context.enable_progress_bars, False  # ovdet's own bar counts images
+        logger = logging.getLogger("ray.data")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # Ray Data's per-run info lines and warnings about idle actors
+        ds = ray.data.from_arrow_refs(blocks)
+        ds = ds.map_batches(Annotator, batch_size=part, batch_format="numpy", fn_constructor_args=(spec,),
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=self.engine.cpus_per_worker,
+                            num_gpus=self.engine.gpus_per_worker or None)
+        try:
+            yield from ds.iter_rows()
+        except Exception as exc:
+            cause = _ovdet_cause(exc)
+            if cause is not None:
+                raise cause from None
+            raise
+        finally:
+            context.enable_progress_bars = bars
+            logger.setLevel(level)
+
+    def _merge(self, path: Path) -> None:
+        """Write the images of one part that are not done yet through the run's writers, then delete the part.
+
+        A part of this run carries keys given out by this run. One an earlier (killed) driver left is used only
+        where its key is still free; its errors are dropped, since every run tries unreadable files again.
+        """
+        ours = path.name.startswith(part_prefix(self.token))
+        for line in read_part(path):
+            if "ok" in line:
+                rec = ImageRecord.from_json(line["ok"])
+                if rec.image in self.done:
+                    continue
+                if not ours:
+                    if rec.key.lower() in self.run_.used_keys:
+                        continue
+                    self.run_.used_keys.add(rec.key.lower())
+                self.run_.write(rec)
+                self.done.add(rec.image)
+                self.merged += ours
+            elif ours and line["error"]["image"] not in self.errored:
+                self.run_.add_error(line["error"])
+                self.errored.add(line["error"]["image"])
+                self.merged += 1
+        os.unlink(path)

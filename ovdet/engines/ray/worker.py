@@ -1,0 +1,139 @@
+"""The Ray Data worker: one detector per actor, built once from shipped weights and class embeddings.
+
+Each call gets a batch of (image, key) rows, reads and decodes them in threads (ovdet.media.sources rules),
+detects in sub-batches of the detector batch size, writes previews (and, for object-store sources, a
+copy of each image under OUT/originals) and records the results in one part file, whose name it returns.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ovdet.engines.ray.parts import PARTS, RUN_TOKEN, write_part
+from ovdet.engines.ray.storage import Source, SourceReader
+from ovdet.errors import EngineError, ImageError
+from ovdet.text.prompts import ClassSpec
+from ovdet.runs.folder import ORIGINALS, error_record  # OUT/originals: copies of object-store images
+from ovdet.util.safeio import ensure_dir
+from ovdet.datasets.writers import ImageRecord, PreviewWriter, atomic_write
+
+__all__ = ["Annotator", "DetectorPayload", "WorkerSpec"]
+
+
+@dataclass
+class DetectorPayload:
+    """What every worker needs to build the same detector: weights (a CPU WorldModel) and encoded classes."""
+
+    model: Any
+    spec: ClassSpec
+    embeddings: Any  # torch.Tensor, one row per spec column
+    imgsz: int
+
+
+@dataclass
+class WorkerSpec:
+    """Constructor arguments of an Annotator; `payload` is [ObjectRef of a DetectorPayload], put once."""
+
+    payload: list[Any]
+    out: str
+    token: str
+    source: Source
+    detect_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch: int = 8
+    device: str = "auto"
+    half: bool | None = None
+    threads: int = 1
+    save_annotated: bool = False
+    backend: str = "auto"
+    precision: str | None = None
+    calib: str | None = None
+
+
+class Annotator:
+    """Callable class for `Dataset.map_batches`: {"image", "key"} rows in, {"part", "images"} rows out."""
+
+    def __init__(self, spec: WorkerSpec):
+        import ray
+        import torch
+
+        from ovdet.detector import OVDetector
+
+        _check_token(Path(spec.out), spec.token)
+        torch.set_num_threads(max(1, spec.threads))
+        payload: DetectorPayload = ray.get(spec.payload[0])
+        self.detector = OVDetector(payload.model, device=spec.device, half=spec.half, imgsz=payload.imgsz,
+                                   backend=spec.backend, precision=spec.precision, calib=spec.calib,
+                                   threads=max(1, spec.threads))
+        self.detector.set_embeddings(payload.spec, payload.embeddings)
+        self.names = list(payload.spec.names)
+        self.spec = spec
+        self.out = Path(spec.out)
+        self.reader = SourceReader(spec.source)
+        self.preview = PreviewWriter(self.out / "annotated", self.names) if spec.save_annotated else None
+        self.pool = ThreadPoolExecutor(max(2, spec.threads), thread_name_prefix="ovdet-decode")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        rels, keys = [str(r) for r in batch["image"]], [str(k) for k in batch["key"]]
+        loads = [self.pool.submit(self._load, rel) for rel in rels]  # decoding overlaps the detection below
+        lines: list[dict[str, Any]] = []
+        chunk: list[tuple[str, str, np.ndarray]] = []
+        for rel, key, load in zip(rels, keys, loads):
+            image, error = load.result()
+            if error is not None:
+                lines.append({"error": error_record(rel, self.spec.source.location(rel), error)})
+                continue
+            chunk.append((rel, key, image))
+            if len(chunk) == self.spec.batch:
+                lines += self._detect(chunk)
+                chunk = []
+        if chunk:
+            lines += self._detect(chunk)
+        return {"part": [write_part(self.out, self.spec.token, keys, lines)], "images": [len(rels)]}
+
+    def _load(self, rel: str) -> tuple[np.ndarray | None, ImageError | None]:
+        try:
+            image, data = self.reader.read(rel)
+        except ImageError as exc:
+            return None, exc
+        if data is not None:
+            copy = self.out / ORIGINALS / rel
+            ensure_dir(copy.parent, self.out)  # a link planted anywhere below OUT is refused, not followed
+            atomic_write(copy, data, root=self.out)
+        return image, None
+
+    def _path(self, rel: str) -> str:
+        """The path predictions.jsonl and the YOLO / VOC links use: the file, or its copy under OUT/originals."""
+        if self.spec.source.local:
+            return self.spec.source.location(rel)
+        return os.path.abspath(self.out / ORIGINALS / rel)
+
+    def _detect(self, chunk: list[tuple[str, str, np.ndarray]]) -> list[dict[str, Any]]:
+        results = self.detector.detect_batch([im for _, _, im in chunk], **self.spec.detect_kwargs)
+        lines = []
+        for (rel, key, image), dets in zip(chunk, results):
+            rec = ImageRecord.from_detections(rel, self._path(rel), key, image.shape, dets)
+            if self.preview is not None:
+                self.preview.write(rec, image)
+            lines.append({"ok": rec.to_json(self.names)})
+        return lines
+
+
+def _check_token(out: Path, token: str) -> None:
+    """Refuse to run where the driver's output folder is not visible: the parts would be lost."""
+    try:
+        seen = (out / PARTS / RUN_TOKEN).read_text(encoding="utf-8").strip()
+    except OSError:
+        seen = None
+    if seen != token:
+        raise EngineError(
+            f"the output folder {out} is not the driver's output folder on the worker host {socket.gethostname()}: "
+            "Ray workers write their results into it, so --out must be a folder every node mounts at the same path "
+            "(NFS, EFS, Lustre, ...) or the cluster must be this one machine"
+        )

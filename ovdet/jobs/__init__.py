@@ -1,0 +1,1 @@
+"""Jobs users run: annotate, relabel, evaluate, train, synth, export."""

@@ -1,0 +1,1 @@
+"""Pixels in and out: image and video sources, camera capture, frame streams, drawing boxes."""

@@ -1,0 +1,1 @@
+"""The region-text detector model: letterbox, forward pass through a backend, scores, NMS."""

@@ -1,0 +1,252 @@
+"""The region–text model: YOLO-World weights and text embeddings, letterbox → backend forward → shared post (NMS)."""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ultralytics.data.augment import LetterBox
+from ultralytics.nn.tasks import WorldModel
+from ultralytics.utils import nms, ops
+
+from ovdet.weights.checkpoint import (TEXT_ENCODER_KEY, _quiet_ultralytics, load_checkpoint, load_safetensors_pair,
+                              world_model_of)
+from ovdet.errors import ModelError, OVDetWarning
+from ovdet.weights.modelconfig import build_world_model, read_model_yaml
+from ovdet.util.hashing import cached_sha256, state_digest
+from ovdet.weights.registry import resolve_detector
+
+DEFAULT_IMGSZ = 640  # what the published YOLO-World models were trained at
+MAX_CHECKPOINT_IMGSZ = 4096  # the largest train_args.imgsz taken from a checkpoint (real ones say 640 or 1280)
+MAX_IMGSZ = 8192  # the largest inference size ovdet accepts (one 8192² float image is 0.8 GB)
+CONFIG_TRUST_HINT = ("If you trust this config and where it came from, pass --trust-weights (CLI) or "
+                     "trust_weights=True (Python): ultralytics then builds it unchecked, running what it names.")
+
+
+def _channels_last_helps(device: torch.device) -> bool:
+    """On x86 CPUs with oneDNN, channels-last convolutions are faster (ultralytics predict makes the same choice)."""
+    return (device.type == "cpu" and platform.machine() in {"AMD64", "x86_64"}
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def load_world_checkpoint(path: Path, trust_weights: bool = False) -> tuple[WorldModel, dict[str, Any]]:
+    """Read a YOLO-World checkpoint (.pt, or a .safetensors + .json pair) without running code from the file.
+
+    A file that would need globals outside ovdet's allowlist raises WeightsUnsafeError unless `trust_weights`
+    (which runs code from the file); a truncated or foreign file raises WeightsCorruptError.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors_pair(path)
+    ckpt = load_checkpoint(path, trust=trust_weights)
+    return world_model_of(ckpt, path), ckpt
+
+
+def world_model_from_yaml(source: str | Path, trust_weights: bool = False) -> WorldModel:
+    """A random-weight WorldModel from a model yaml (path or ultralytics config name), read as data: yaml.safe_load,
+    ovdet's config schema, no eval. `trust_weights` hands the file to ultralytics unchecked (it runs what it names)."""
+    with _quiet_ultralytics():
+        if not trust_weights:
+            return build_world_model(read_model_yaml(source, CONFIG_TRUST_HINT), str(source))
+        try:
+            return WorldModel(str(source), verbose=False)
+        except FileNotFoundError as exc:
+            raise ModelError(f"Model config {str(source)!r} not found: give a path or an ultralytics config name "
+                             "such as 'yolov8s-worldv2.yaml'.") from exc
+
+
+def checkpoint_imgsz(ckpt: dict[str, Any], source: str | Path) -> int:
+    """The size a checkpoint says it was trained at (train_args.imgsz): the default inference size.
+
+    It is only a default, so a value that is no size in 32..MAX_CHECKPOINT_IMGSZ (a 40000 would letterbox every image
+    into 4.8 GB) gives the YOLO-World default 640 and a warning naming it, instead of refusing good weights.
+    """
+    args = ckpt.get("train_args")
+    raw = args.get("imgsz") if isinstance(args, dict) else None
+    if raw is None:
+        return DEFAULT_IMGSZ
+    sizes = raw if isinstance(raw, (list, tuple)) else [raw]
+    if sizes and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_CHECKPOINT_IMGSZ
+                     for v in sizes):
+        return max(sizes)
+    warnings.warn(f"{source} says it was trained at imgsz {str(raw)[:60]}, which is not a size in 32.."
+                  f"{MAX_CHECKPOINT_IMGSZ}; detecting at {DEFAULT_IMGSZ} instead (pass --imgsz / imgsz= to choose).",
+                  OVDetWarning, stacklevel=3)
+    return DEFAULT_IMGSZ
+
+
+def check_imgsz(imgsz: Any) -> int:
+    """An inference size a caller asked for, as an int; ModelError beyond MAX_IMGSZ (memory grows with its square)."""
+    try:
+        size = int(imgsz)
+        ok = size == imgsz and not isinstance(imgsz, bool) and 1 <= size <= MAX_IMGSZ
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ModelError(f"imgsz {imgsz!r} is not an image size in 1..{MAX_IMGSZ} pixels: use a multiple of 32 such "
+                         "as 640 (the size YOLO-World was trained at) or 1280.")
+    return size
+
+
+class WorldDetector:
+    """A YOLO-World model on a device with its class embeddings set: images in, boxes out (N×6 per image)."""
+
+    def __init__(self, model: WorldModel, name: str, device: str | torch.device = "auto", half: bool | None = None,
+                 digest: str | None = None, text_encoder_state: dict | None = None, train_imgsz: int = 640,
+                 backend: str = "torch", precision: str | None = None, threads: int | None = None,
+                 calib: str | Path | None = None, calib_imgsz: int | None = None):
+        from ovdet.backends import create_backend, resolve
+
+        choice = resolve(backend, device, half, precision)
+        self.device = choice.device
+        self.half = choice.name == "torch" and choice.precision == "fp16"
+        on_device = choice.name == "torch"  # the other backends export a CPU copy and run it in their runtime
+        model = model.fuse(verbose=False).eval().to(self.device if on_device else torch.device("cpu"))
+        model = model.half() if self.half else model.float()
+        if on_device and _channels_last_helps(self.device):
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.name = name
+        self.stride = max(int(model.stride.max()), 32)
+        self.embed_dim = int(model.txt_feats.shape[-1])
+        self.text_encoder_state = text_encoder_state
+        self._digest = digest
+        self.train_imgsz = train_imgsz  # the size it was trained at: the best default inference size
+        self._txt_feats: torch.Tensor | None = None
+        self._columns: torch.Tensor | None = None  # embedding row -> class index (-1: negative); None: row i is class i
+        self._num_classes = 0
+        self._reduce = "max"
+        self.backend_reason = choice.reason
+
+        def calibration():
+            from ovdet.backends.calib import make_calibration
+
+            return make_calibration(calib, calib_imgsz or train_imgsz, self.preprocess)
+
+        self.backend = create_backend(choice, model, lambda: self.model_id, threads=threads, calibration=calibration)
+
+    def describe(self) -> str:
+        """Which backend runs, in words: e.g. "openvino fp32, 2 threads, cpu (auto: OpenVINO on a CPU)"."""
+        b = self.backend
+        why = f" ({self.backend_reason})" if self.backend_reason else ""
+        return f"{b.name} {b.precision}, {b.threads} thread{'s' if b.threads != 1 else ''}, {self.device}{why}"
+
+    @classmethod
+    def load(cls, source: str | Path | WorldModel, device: str | torch.device = "auto",
+             half: bool | None = None, trust_weights: bool = False, **backend: Any) -> WorldDetector:
+        """Load from a checkpoint path, a registry name, an ultralytics yaml config (random weights) or a model.
+
+        Checkpoints are read without running code from them; `trust_weights=True` allows files that need it.
+        `backend` keywords (backend, precision, threads, calib, calib_imgsz) choose what runs the forward pass."""
+        if isinstance(source, WorldModel):
+            return cls(source, type(source).__name__, device, half, **backend)
+        text = str(source)
+        if text.endswith((".yaml", ".yml")):
+            return cls(world_model_from_yaml(text, trust_weights), Path(text).name, device, half, **backend)
+        path = resolve_detector(text)
+        model, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
+        return cls(model, path.stem, device, half, digest=cached_sha256(path)[:16],
+                   text_encoder_state=ckpt.get(TEXT_ENCODER_KEY), train_imgsz=checkpoint_imgsz(ckpt, path),
+                   **backend)
+
+    @property
+    def model_id(self) -> str:
+        """`name@sha` of the weights: stable across runs, different for different weights."""
+        if self._digest is None:
+            self._digest = state_digest(self.model.state_dict())
+        return f"{self.name}@{self._digest}"
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def set_text_embeddings(self, embeddings: torch.Tensor, columns: Sequence[int] | None = None,
+                            reduce: str = "max") -> None:
+        """Use these [K, D] L2-normalized text embeddings for every following forward.
+
+        Without `columns`, row i scores class i. With them, row i scores class `columns[i]` (-1: a negative
+        prompt): a class scores the max (or mean, `reduce`) of its rows, and a box whose best row is a negative
+        is dropped; classes are numbered 0..C-1 and each needs at least one row.
+        """
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ModelError(f"Class embeddings must have shape [C, {self.embed_dim}], got {tuple(embeddings.shape)}: "
+                             "the text tower does not match this detector.")
+        if columns is not None:
+            cols = torch.as_tensor(list(columns), dtype=torch.long)
+            num = int(cols.max()) + 1 if len(cols) else 0
+            if len(cols) != len(embeddings) or num < 1 or bool((cols < -1).any()) \
+                    or set(cols[cols >= 0].tolist()) != set(range(num)) or reduce not in ("max", "mean"):
+                raise ModelError(f"columns must give each of the {len(embeddings)} embedding rows a class 0..C-1 "
+                                 f"(every class at least once) or -1, and reduce must be max or mean; got "
+                                 f"{cols.tolist()}, {reduce!r}.")
+            columns = cols.to(self.device)
+        self._num_classes = num if columns is not None else int(embeddings.shape[0])
+        dtype = torch.float16 if self.half else torch.float32
+        self._txt_feats = embeddings.detach().to(self.device, dtype)[None]
+        self._columns, self._reduce = columns, reduce
+        self.model.txt_feats = self._txt_feats  # the Ray engine ships these with the weights
+
+    def preprocess(self, images: list[np.ndarray], imgsz: int) -> torch.Tensor:
+        """Letterbox BGR uint8 images exactly as ultralytics predict does; returns a normalized RGB batch."""
+        imgsz = check_imgsz(imgsz)
+        same_shapes = len({im.shape for im in images}) == 1
+        letterbox = LetterBox((imgsz, imgsz), auto=same_shapes, stride=self.stride)
+        boxed = [letterbox(image=im) for im in images]
+        batch = torch.from_numpy(boxed[0]).unsqueeze(0) if len(boxed) == 1 else torch.from_numpy(np.stack(boxed))
+        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).flip(1)
+        return (batch.half() if self.half else batch.float()).div_(255)
+
+    def class_scores(self, preds: torch.Tensor | tuple, conf: float,
+                     class_conf: Sequence[float] | None = None) -> tuple[torch.Tensor, float]:
+        """Raw head output [B, 4+K, A] → [B, 4+C, A] class scores, and the conf threshold for NMS.
+
+        Rows reduce to their classes; anchors whose best row is a negative (ties included) get all-zero scores,
+        and so do anchors whose best class scores at or below that class's `class_conf`, so that each box keeps
+        one class and NMS sees only boxes that pass their own class's threshold.
+        """
+        preds = preds[0] if isinstance(preds, (list, tuple)) else preds
+        boxes, scores = preds[:, :4], preds[:, 4:]
+        if self._columns is not None:
+            positive = self._columns >= 0
+            rows = scores[:, positive]
+            index = self._columns[positive].view(1, -1, 1).expand_as(rows)
+            shape = (scores.shape[0], self.num_classes, scores.shape[2])
+            reduced = rows.new_zeros(shape).scatter_reduce_(1, index, rows, reduce="amax" if self._reduce == "max"
+                                                            else "mean", include_self=False)
+            if not bool(positive.all()):
+                beaten = scores[:, ~positive].amax(1) >= rows.amax(1)
+                reduced = reduced.masked_fill(beaten[:, None], 0)
+            scores = reduced
+        if class_conf is not None:
+            thresholds = torch.as_tensor(class_conf, dtype=scores.dtype, device=scores.device)
+            best, best_class = scores.max(1)
+            scores = scores.masked_fill((best <= thresholds[best_class])[:, None], 0)
+            conf = float(min(class_conf))
+        return torch.cat((boxes, scores), 1), conf
+
+    @torch.inference_mode()
+    def __call__(self, images: list[np.ndarray], imgsz: int = 640, conf: float = 0.25, iou: float = 0.7,
+                 max_det: int = 300, class_conf: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Detect in BGR uint8 images; per image an N×6 CPU tensor (x1, y1, x2, y2, score, class) in its pixels.
+
+        `class_conf` (one per class) are per-class thresholds that replace `conf` for their class.
+        """
+        if self._txt_feats is None:
+            raise ModelError("No classes set: call set_classes([...]) before detecting.")
+        batch = self.preprocess(images, imgsz)
+        preds = self.backend.run(batch, self._txt_feats)
+        if self._columns is not None or class_conf is not None:
+            preds, conf = self.class_scores(preds, conf, class_conf)
+        kept = nms.non_max_suppression(preds, conf, iou, max_det=max_det)
+        out = []
+        for det, im in zip(kept, images):
+            det[:, :4] = ops.scale_boxes(batch.shape[2:], det[:, :4], im.shape)
+            out.append(det.float().cpu())
+        return out

@@ -1,0 +1,1 @@
+"""Run folders: manifest and validation, the lock, the journal, write-error records."""

@@ -1,0 +1,1 @@
+"""Helpers that import nothing of ovdet but its errors: display escaping, progress, safe file IO, device choice."""

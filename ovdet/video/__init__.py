@@ -1,0 +1,1 @@
+"""Video jobs: file and stream processing, the live webcam loop."""

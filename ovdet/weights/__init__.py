@@ -1,0 +1,1 @@
+"""Weight files: the safe readers (zip, pickle, TorchScript), model configs, checkpoints, the download registry."""
