@@ -7,11 +7,9 @@ and the `ovdet weights import PATH` command, so an offline machine can always be
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import shutil
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,6 @@ from ovdet.errors import ModelError, UnknownModelError, WeightsCorruptError, Wei
 from ovdet.util.env import home, is_offline
 from ovdet.util.hashing import CHUNK as _CHUNK
 from ovdet.util.hashing import cached_sha256
-from ovdet.util.progress import progress
 
 # Release tag that ultralytics 8.4 (`attempt_download_asset`) downloads its assets from.
 ULTRALYTICS_ASSETS_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0"
@@ -176,6 +173,11 @@ def verify_published(path: Path, spec: ModelSpec) -> Path:
 
 def _download(spec: ModelSpec, searched: list[Path], what: str) -> Path:
     """Download `spec.url` into weights_dir() atomically, checking size, sha256 and archive format."""
+    import http.client  # here: `ovdet weights --help` reads this module and need not load these
+    import urllib.request
+
+    from ovdet.util.progress import progress
+
     dest = weights_dir() / spec.filename
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{spec.filename}.", suffix=".part")

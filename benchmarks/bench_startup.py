@@ -1,0 +1,58 @@
+"""How long `ovdet --help` and every `ovdet COMMAND --help` take, and how much memory they use, in fresh processes.
+
+    python benchmarks/bench_startup.py [--runs 5]
+
+Each help runs `--runs` times as a new `python -m ovdet.cli ... --help` process. The table gives the median wall time
+and the median peak RSS (the child's ru_maxrss, read through wait4). `python -c pass` is measured the same way as
+the floor, since every command pays for the interpreter. The goal in issue #20 is under 0.5 s and under 100 MB for
+each help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one fresh process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.read().decode()}")
+    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="fresh processes per command (default: 5)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from ovdet.cli import COMMANDS
+
+    cases = [("python -c pass", ["-c", "pass"]), ("ovdet --help", ["-m", "ovdet.cli", "--help"])]
+    cases += [(f"ovdet {name} --help", ["-m", "ovdet.cli", name, "--help"]) for name in COMMANDS]
+    print(f"{'command':<28} {'median s':>9} {'max s':>7} {'median MiB':>11}")
+    worst = 0.0
+    for label, argv in cases:
+        runs = [measure(argv) for _ in range(args.runs)]
+        wall = statistics.median(w for w, _ in runs)
+        rss = statistics.median(r for _, r in runs)
+        if label != "python -c pass":
+            worst = max(worst, wall)
+        print(f"{label:<28} {wall:>9.3f} {max(w for w, _ in runs):>7.3f} {rss:>11.1f}")
+    print(f"\nslowest help: {worst:.3f} s (median of {args.runs})")
+
+
+if __name__ == "__main__":
+    main()
