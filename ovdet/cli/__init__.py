@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 import warnings
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from ovdet.util.display import shown
 from ovdet.errors import OVDetError, OVDetWarning
@@ -26,6 +28,40 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with suggestions: a misspelt option or command gets "did you mean ...?", and an error in a
+    subcommand shows that subcommand's usage. Subparsers are made of this class too (argparse copies the type)."""
+
+    _given: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _known_options(self) -> list[str]:
+        return [name for name in self._option_string_actions if name.startswith("--")]
+
+    @staticmethod
+    def suggest(word: str, choices: list[str]) -> str | None:
+        """The choice closest to `word` (an option or a command name), or None when none is close."""
+        bare = {c.lstrip("-"): c for c in choices}
+        close = difflib.get_close_matches(word.split("=", 1)[0].lstrip("-"), list(bare), n=1, cutoff=0.6)
+        return bare[close[0]] if close else None
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        options = self._known_options()
+        unknown = [w.split("=", 1)[0] for w in self._given if w.startswith("--")]
+        unknown = [w for w in unknown if w != "--" and not any(o.startswith(w) for o in options)]  # abbreviations pass
+        if message.startswith(("unrecognized arguments:", "the following arguments are required:")):
+            for word in unknown:
+                close = self.suggest(word, options)
+                message += f"; {word} is not an option of `{self.prog}`" + (f": did you mean {close}?" if close else "")
+        elif (bad := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)) is not None:
+            close = self.suggest(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)))
+            message += f": did you mean {close!r}?" if close else ""
+        super().error(message)
+
+
 class _VersionAction(argparse._VersionAction):
     """argparse's --version, with the version looked up only when asked for (not on every start)."""
 
@@ -41,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     Command modules import only light modules at their top (heavy ones inside `run`), so that building this
     parser, and `ovdet --help`, imports no torch, ultralytics, transformers or OpenCV.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ovdet",
         description="Open-vocabulary object detection: name what to find, get boxes.",
         formatter_class=HelpFormatter,
@@ -71,7 +107,12 @@ def _lines_shown(message: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, so that its usage is shown
+        command = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        command._given = list(extra)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with warnings.catch_warnings():  # restores the default display afterwards (main may run in-process)
             warnings.showwarning = _show_warning
