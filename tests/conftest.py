@@ -17,6 +17,19 @@ from ultralytics.nn.tasks import WorldModel
 from ovdet.model.world import _quiet_ultralytics
 
 
+# The files that take longest run first: with pytest-xdist (`-n 2`; pyproject sets --dist loadfile, which keeps each
+# file, and its module-scoped fixtures, on one worker, and --no-loadscope-reorder, which keeps this order) the two
+# workers start on them and the short files fill in at the end. Without xdist only the order changes.
+SLOW_FIRST = ("test_ray.py", "test_backends.py", "test_annotate.py", "test_readme.py", "test_export.py",
+              "test_cli_startup.py", "test_notebook.py", "test_write_errors.py", "test_hostile_checkpoint.py",
+              "test_checkpoint.py", "test_report.py", "test_train.py", "test_tiling.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Fail any test that tries to reach a non-loopback address."""
