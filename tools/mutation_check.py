@@ -11,8 +11,8 @@ touched: the copy is taken from the committed tree (HEAD, default) or the workin
     python tools/mutation_check.py -k relabel      # only mutations whose name contains "relabel"
     python tools/mutation_check.py --markdown out.md   # also write the result table to out.md
 
-Before the mutations, each distinct set of test files is run once unmutated; a mutation whose tests fail even
-then is reported "baseline fails" and left out of the score.
+A catch counts only if the first failing test passes on the unmutated copy (checked by running that one test);
+otherwise the mutation is reported "baseline fails" and left out of the score.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 where = path.relative_to(copy) if path else f"NO LONGER APPLIES ({why})"
                 print(f"{m.name:40} {where}  -> {' '.join(m.tests)}")
             return 0
-        baseline: dict[tuple[str, ...], str] = {}
+        baseline: dict[str, str] = {}  # test id -> its result on the unmutated copy
         rows = []
         for i, m in enumerate(chosen, 1):
             path, why = located[m.name]
@@ -308,23 +308,25 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((m, "no longer applies", why, 0.0))
                 print(f"[{i}/{len(chosen)}] {m.name}: no longer applies ({why})", flush=True)
                 continue
-            if m.tests not in baseline:
-                status, seconds, tail = run_tests(copy, m.tests, args.timeout)
-                baseline[m.tests] = status
-                print(f"baseline {' '.join(m.tests)}: {status} in {seconds:.0f} s", flush=True)
-                if status != "pass":
-                    print(tail, flush=True)
-            if baseline[m.tests] != "pass":
-                rows.append((m, "baseline fails", "", 0.0))
-                continue
             original = path.read_text(encoding="utf-8")
             path.write_text(original.replace(m.old, m.new, 1), encoding="utf-8")
             try:
                 status, seconds, tail = run_tests(copy, m.tests, args.timeout)
             finally:
                 path.write_text(original, encoding="utf-8")
-            result = {"pass": "MISSED", "fail": "caught"}.get(status, f"caught ({status})")
             detail = first_failure(tail) if status != "pass" else ""
+            if status == "pass":
+                result = "MISSED"
+            elif detail:
+                if detail not in baseline:
+                    baseline[detail] = run_tests(copy, (detail,), args.timeout)[0]
+                result = "caught" if baseline[detail] == "pass" else "baseline fails"
+                if status != "fail" and result == "caught":
+                    result = f"caught ({status})"
+            else:
+                result = f"caught ({status})"
+            if result != "caught":
+                print(tail, flush=True)
             rows.append((m, result, detail, seconds))
             print(f"[{i}/{len(chosen)}] {m.name}: {result} in {seconds:.0f} s {detail}", flush=True)
     finally:
