@@ -12,9 +12,10 @@ from typing import Any
 
 from ovdet.version import __version__
 
-__all__ = ["OVDetector", "annotate_folder", "__version__"]
+__all__ = ["DetectorConfig", "Exemplar", "OVDetector", "annotate_folder", "__version__"]
 
-_LAZY = {"OVDetector": "ovdet.detector", "annotate_folder": "ovdet.jobs.annotate"}
+_LAZY = {"DetectorConfig": "ovdet.config", "OVDetector": "ovdet.detector", "annotate_folder": "ovdet.jobs.annotate",
+         "Exemplar": "ovdet.text.exemplars"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import supervision as sv
 import torch
 
+from ovdet.config import DetectorConfig
 from ovdet.text.cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError, ModelError
 from ovdet.text.prompts import ClassSpec, parse_classes
@@ -41,26 +44,72 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
     return names
 
 
-class OVDetector:
-    """Open-vocabulary detector: `set_classes([...])`, then `detect(image)` → `sv.Detections`."""
+@dataclass
+class DetectorPayload:
+    """What another process needs to rebuild a detector with its classes (the Ray engine ships it to every worker
+    once): the weights as a CPU float32 WorldModel, the class spec, one embedding row per spec column, the image size."""
 
-    def __init__(self, model: str | Path | Any = "yolov8s-worldv2", text_model: str | Path | TextEncoder | None = None,
-                 device: str | torch.device = "auto", half: bool | None = None, imgsz: int | None = None,
-                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, trust_weights: bool = False,
-                 backend: str = "auto", precision: str | None = None, calib: str | Path | None = None,
-                 threads: int | None = None):
+    model: Any  # ultralytics WorldModel
+    spec: ClassSpec
+    embeddings: torch.Tensor  # float32, on the CPU
+    imgsz: int
+
+
+class OVDetector:
+    """Open-vocabulary detector: `set_classes([...])`, then `detect(image)` → `sv.Detections`.
+
+    `OVDetector("yolov8s-worldv2", device="cpu", conf=0.3)`: the keyword arguments are the fields of
+    `ovdet.config.DetectorConfig` (model, text_model, device, half, imgsz, conf, iou, max_det, trust_weights, backend,
+    precision, calib, threads), which documents each one and its default. `OVDetector(config=cfg)` (or
+    `OVDetector.from_config(cfg)`) builds one from a config; keyword arguments given beside it override its fields.
+    """
+
+    def __init__(self, model: str | Path | Any | None = None, *, config: DetectorConfig | None = None,
+                 **overrides: Any):
+        if model is not None:
+            overrides["model"] = model
+        cfg = (config if config is not None else DetectorConfig()).replace(**overrides)
+        self._config = cfg
         # trust_weights=True allows checkpoints that run code when loaded: only for files you trust.
-        # backend: auto (OpenVINO on a CPU, TensorRT on CUDA when installed, else torch), torch, openvino,
-        # onnxruntime, tensorrt; precision: fp32, bf16, fp16, int8 (default fp16 with torch on CUDA, else fp32);
-        # calib: folder of int8 calibration images; threads: the backend's threads (default: torch's count).
-        self.world = WorldDetector.load(model, device=device, half=half, trust_weights=trust_weights,
-                                        backend=backend, precision=precision, threads=threads, calib=calib,
-                                        calib_imgsz=imgsz)
-        self.imgsz = imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
-        self.conf, self.iou, self.max_det = conf, iou, max_det
-        self._text = LazyTextEncoder(text_model, device=self.device, embedded_state=self.world.text_encoder_state)
+        self.world = WorldDetector.load(cfg.model, device=cfg.device, half=cfg.half, trust_weights=cfg.trust_weights,
+                                        backend=cfg.backend, precision=cfg.precision, threads=cfg.threads,
+                                        calib=cfg.calib, calib_imgsz=cfg.imgsz)
+        self.imgsz = cfg.imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
+        self.conf, self.iou, self.max_det = cfg.conf, cfg.iou, cfg.max_det
+        self._text = LazyTextEncoder(cfg.text_model, device=self.device, embedded_state=self.world.text_encoder_state)
         self._spec: ClassSpec | None = None
         self._embeddings_source: str | None = None
+
+    @classmethod
+    def from_config(cls, config: DetectorConfig) -> OVDetector:
+        """The detector `config` describes."""
+        return cls(config=config)
+
+    @classmethod
+    def from_payload(cls, payload: DetectorPayload, config: DetectorConfig | None = None) -> OVDetector:
+        """Rebuild a detector from another one's `worker_payload()`, running as `config` says (its model and imgsz
+        come from the payload); its classes are set, with no text tower."""
+        det = cls(config=(config or DetectorConfig()).replace(model=payload.model, imgsz=payload.imgsz))
+        det.set_embeddings(payload.spec, payload.embeddings)
+        return det
+
+    @property
+    def config(self) -> DetectorConfig:
+        """The options this detector was built with (`conf`, `iou`, `max_det`, `imgsz` are also attributes of the
+        detector itself, which may be changed later)."""
+        return self._config
+
+    def worker_payload(self) -> DetectorPayload:
+        """This detector's weights (a CPU float32 copy when they are elsewhere), classes and image size, for
+        `from_payload` in another process. ModelError before set_classes."""
+        if self._spec is None:
+            raise ModelError("No classes set: call set_classes(['person', ...]) before shipping the detector.")
+        model = self.world.model
+        embeddings = model.txt_feats[0].detach().float().cpu()
+        first = next(model.parameters())
+        if first.device.type != "cpu" or first.dtype != embeddings.dtype:
+            model = copy.deepcopy(model).float().cpu()
+        return DetectorPayload(model, self._spec, embeddings, int(self.imgsz))
 
     @property
     def device(self) -> torch.device:
