@@ -7,6 +7,8 @@ import hashlib
 import multiprocessing
 import os
 import time
+import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from ovdet.cli import main
 from ovdet.text.cache import EmbeddingCache, LazyTextEncoder, state_identity
 from ovdet.text.tower import TextEncoder
 from ovdet.model.world import TEXT_ENCODER_KEY
+from ovdet.util import safeio
 
 COCO_LIKE = ["person", "bicycle", "car", "traffic light", "dog", "red backpack", "wine glass", "teddy bear"]
 TOWER = "tower@0123456789abcdef"
@@ -131,6 +134,41 @@ def test_info_and_clear(tmp_path):
     assert len(cache.get(TOWER, ["a"])) == 1
 
 
+def test_a_clear_between_folder_and_file_is_survived(tmp_path):
+    """Another process's `ovdet cache clear` removes the tower folder after a writer opened it: the write is redone
+    in a fresh folder, not lost and not an error."""
+    cache = EmbeddingCache(tmp_path)
+    cache.put(TOWER, ["a"], vectors(["a"]))
+    real_create, cleared = safeio.Folder._create, []
+
+    def create_after_a_clear(folder, name):
+        if not cleared:
+            cleared.append(EmbeddingCache(tmp_path).clear())  # the folder `folder` holds open is gone now
+        return real_create(folder, name)
+
+    with mock.patch.object(safeio.Folder, "_create", create_after_a_clear), warnings.catch_warnings():
+        warnings.simplefilter("error")  # put() warns when it cannot write: it must not come to that
+        cache.put(TOWER, ["b"], vectors(["b"]))
+    assert cleared[0].entries == 1
+    assert list(cache.get(TOWER, ["a", "b"])) == ["b"] and cache.info().entries == 1
+
+
+def test_temporary_files_of_crashed_writers_are_removed_once_old(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    cache.put(TOWER, ["a"], vectors(["a"]))
+    folder = cache._entry(TOWER, "a").parent
+    old, fresh = folder / f".x.emb.0123{safeio.TMP_SUFFIX}", folder / f".y.emb.4567{safeio.TMP_SUFFIX}"
+    legacy = folder / ".tmp-abcd.part"  # what versions before safeio left
+    for path in (old, fresh, legacy):
+        path.write_bytes(b"torn")
+    hours_ago = time.time() - 2 * 3600
+    for path in (old, legacy):
+        os.utime(path, (hours_ago, hours_ago))
+    assert cache.info().entries == 1
+    assert not old.exists() and not legacy.exists()
+    assert fresh.exists()  # may be a live writer's: left alone
+
+
 def _writer(root: str, worker: int, rounds: int, max_bytes: int, evicting: bool) -> None:
     """Write shared and own prompts again and again while the others do; fail (exit code 1) on a wrong read, or,
     without eviction, on a miss of anything already written (a partial entry reads as a miss)."""
@@ -168,7 +206,7 @@ def test_concurrent_writers_do_not_corrupt(tmp_path):
     got = cache.get(TOWER, prompts)
     assert len(got) == 60 and all(np.array_equal(v, vector(p)) for p, v in got.items())
     assert cache.info().entries == 60
-    assert not [p for p in (tmp_path / "prompts").rglob("*") if p.name.startswith(".tmp-")]
+    assert not [p for p in (tmp_path / "prompts").rglob("*") if p.name.endswith(safeio.TMP_SUFFIX)]
 
 
 def test_concurrent_writers_with_eviction(tmp_path):

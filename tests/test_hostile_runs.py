@@ -22,7 +22,7 @@ from ovdet.errors import DatasetError, OVDetError
 from ovdet.jobs.relabel import relabel_run
 from ovdet.report import write_report
 from ovdet.runs.lock import LOCK_NAME, lock_output
-from ovdet.datasets.writers import repair_journal
+from ovdet.runs.journal import repair_journal
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "shapes"
 CLASSES = "red circle,blue square"

@@ -1,4 +1,4 @@
-"""ovdet.datasets.writers: atomic files, the JSONL journal, and each dataset format parsed back by its own tools."""
+"""ovdet.datasets (yolo, voc, coco, previews) and their foundations: atomic files, the JSONL journal, and each dataset format parsed back by its own tools."""
 
 from __future__ import annotations
 
@@ -15,22 +15,12 @@ import supervision as sv
 import yaml
 
 from ovdet.errors import DatasetError
-from ovdet.util.safeio import ensure_dir
-from ovdet.datasets.writers import (
-    CocoWriter,
-    ImageRecord,
-    Journal,
-    PreviewWriter,
-    VocWriter,
-    YoloWriter,
-    atomic_link,
-    atomic_open,
-    atomic_write,
-    checked_image_record,
-    read_journal,
-    remove_stale_temp_files,
-    repair_journal,
-)
+from ovdet.datasets.coco import CocoWriter
+from ovdet.datasets.previews import PreviewWriter
+from ovdet.datasets.voc import VocWriter
+from ovdet.datasets.yolo import YoloWriter
+from ovdet.runs.journal import ImageRecord, Journal, checked_image_record, read_journal, repair_journal
+from ovdet.util.safeio import atomic_link, atomic_open, atomic_write, ensure_dir, remove_stale_temp_files
 
 CLASSES = ["red backpack", "chat noir ü", "交通 灯"]
 
@@ -53,7 +43,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_atomic_write_crash_leaves_old_file_intact(tmp_path):
     path = tmp_path / "f.json"
     atomic_write(path, '{"old": true}')
-    with mock.patch("ovdet.datasets.writers.os.replace", side_effect=OSError("simulated crash")), pytest.raises(OSError):
+    with mock.patch("ovdet.util.safeio.os.replace", side_effect=OSError("simulated crash")), pytest.raises(OSError):
         atomic_write(path, '{"new": tr')
     assert json.loads(path.read_text()) == {"old": True}
     assert no_temp_files(tmp_path)  # a failed write removes its temporary file at once

@@ -40,19 +40,10 @@ from ovdet.runs.folder import ERRORS as _ERRORS
 from ovdet.runs.folder import JOURNAL as _JOURNAL
 from ovdet.runs.folder import MANIFEST as _MANIFEST
 from ovdet.runs.folder import clear_outputs, error_record
-from ovdet.datasets.writers import (
-    FORMATS,
-    ImageRecord,
-    Journal,
-    PreviewWriter,
-    atomic_write,
-    open_dataset_writers,
-    parse_formats,
-    read_journal,
-    remove_stale_temp_files,
-    rebuild_from_journal,
-    repair_journal,
-)
+from ovdet.datasets.formats import FORMATS, open_dataset_writers, parse_formats, rebuild_from_journal
+from ovdet.datasets.previews import PreviewWriter
+from ovdet.runs.journal import ImageRecord, Journal, read_journal, repair_journal
+from ovdet.util.safeio import atomic_write, remove_stale_temp_files
 from ovdet.datasets.splits import ValSplit
 from ovdet.tiling import TileSpec, tile_spec
 from ovdet.media.sources import LoadedImage, iter_image_files, prefetch_images, require_image_files

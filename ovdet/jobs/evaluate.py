@@ -19,7 +19,8 @@ from ovdet.errors import DatasetError
 from ovdet.util.progress import progress as progress_display
 from ovdet.runs.folder import JOURNAL, MANIFEST, clear_outputs
 from ovdet.runs.lock import LOCK_NAME, lock_output
-from ovdet.datasets.writers import ImageRecord, Journal, atomic_write
+from ovdet.runs.journal import ImageRecord, Journal
+from ovdet.util.safeio import atomic_write
 from ovdet.media.sources import IMAGE_EXTENSIONS, list_image_files, prefetch_images
 from ovdet.tiling import TileSpec, tile_spec
 

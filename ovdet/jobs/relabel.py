@@ -23,14 +23,9 @@ from ovdet.errors import DatasetError, RelabelError
 from ovdet.util.progress import progress
 from ovdet.runs.lock import LOCK_NAME, lock_output
 from ovdet.runs.folder import ERRORS, JOURNAL, MANIFEST, RunFolder, clear_outputs, load_run
-from ovdet.datasets.writers import (
-    ImageRecord,
-    Journal,
-    atomic_write,
-    open_dataset_writers,
-    parse_formats,
-    rebuild_from_journal,
-)
+from ovdet.datasets.formats import open_dataset_writers, parse_formats, rebuild_from_journal
+from ovdet.runs.journal import ImageRecord, Journal
+from ovdet.util.safeio import atomic_write
 from ovdet.datasets.splits import ValSplit
 
 __all__ = ["RelabelSummary", "parse_pairs", "relabel_run", "resolve_thresholds"]

@@ -15,7 +15,7 @@ from ovdet.report.data import build_data
 from ovdet.report.thumbs import make_thumbnails
 from ovdet.runs.folder import load_run
 from ovdet.runs.lock import lock_output
-from ovdet.datasets.writers import atomic_write
+from ovdet.util.safeio import atomic_write
 
 __all__ = ["REPORT_NAME", "write_report"]
 

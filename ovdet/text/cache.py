@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 import uuid
 import warnings
@@ -32,6 +31,7 @@ from ovdet.errors import OVDetError, WeightsCorruptError
 from ovdet.options import EMBEDDING_CACHE_MB_ENV as MAX_MB_ENV  # defined there so that the CLI parser needs no torch
 from ovdet.text.tower import TextEncoder
 from ovdet.util.hashing import cached_sha256, state_digest
+from ovdet.util.safeio import TMP_SUFFIX, Folder
 from ovdet.weights.registry import home, resolve_text_model
 
 DEFAULT_MAX_MB = 128.0
@@ -77,22 +77,17 @@ def _slug(identity: str) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it over `path` (atomic on POSIX and Windows)."""
+    """Write `data` to `path` whole (ovdet.util.safeio: a temporary file renamed over it, so that concurrent
+    processes never see a partial entry); its folder is created, again if a concurrent `clear` removes it meanwhile."""
     for attempt in range(2):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-            break
-        except FileNotFoundError:  # a concurrent `clear` removed the folder between mkdir and mkstemp
+            # root = the entry's own folder: the cache lives where the user's OVDET_HOME points, links included
+            with Folder(path.parent, root=path.parent) as folder:
+                folder.write(path.name, data)
+            return
+        except FileNotFoundError:  # a concurrent `clear` removed the folder between its creation and the write
             if attempt:
                 raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _entry_name(prompt: str) -> str:
@@ -206,7 +201,9 @@ class EmbeddingCache:
                     continue
                 if entry.name.endswith(_SUFFIX):
                     out.append((st.st_mtime, _disk_bytes(st), Path(entry.path)))
-                elif entry.name.startswith(".tmp-") and now - st.st_mtime > _STALE_TMP_S:
+                # safeio's temporary names, and ".tmp-*.part" from versions that wrote their own
+                elif entry.name.startswith(".") and entry.name.endswith((TMP_SUFFIX, ".part")) \
+                        and now - st.st_mtime > _STALE_TMP_S:
                     Path(entry.path).unlink(missing_ok=True)
         return out
 

@@ -32,7 +32,8 @@ from ovdet.engines.ray.worker import Annotator, DetectorPayload, WorkerSpec
 from ovdet import errors
 from ovdet.errors import DatasetError, EngineError, OVDetError
 from ovdet.util.progress import progress
-from ovdet.datasets.writers import ImageRecord, atomic_write, remove_stale_temp_files
+from ovdet.runs.journal import ImageRecord
+from ovdet.util.safeio import atomic_write, remove_stale_temp_files
 
 if TYPE_CHECKING:  # the run object comes from ovdet.jobs.annotate, which imports this package lazily
     from ovdet.jobs.annotate import _Run

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ovdet.datasets.writers import atomic_write
+from ovdet.util.safeio import atomic_write
 
 __all__ = ["PARTS", "RUN_TOKEN", "list_parts", "part_dir", "part_prefix", "read_part", "write_part"]
 

@@ -21,8 +21,9 @@ from ovdet.engines.ray.storage import Source, SourceReader
 from ovdet.errors import EngineError, ImageError
 from ovdet.text.prompts import ClassSpec
 from ovdet.runs.folder import ORIGINALS, error_record  # OUT/originals: copies of object-store images
-from ovdet.util.safeio import ensure_dir
-from ovdet.datasets.writers import ImageRecord, PreviewWriter, atomic_write
+from ovdet.util.safeio import atomic_write, ensure_dir
+from ovdet.datasets.previews import PreviewWriter
+from ovdet.runs.journal import ImageRecord
 
 __all__ = ["Annotator", "DetectorPayload", "WorkerSpec"]
 
