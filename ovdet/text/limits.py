@@ -1,4 +1,4 @@
-"""Caps on what a class spec may ask of the text tower: classes, texts to encode, characters and control characters.
+"""Caps on what a class spec may ask: classes, texts to encode, characters, control characters, exemplar images.
 
 A class file is small but multiplies: 300 classes × 300 templates is 90,000 prompts to encode, and every
 phrasing is a row the detector scores for every anchor of every image. The caps sit far above real vocabularies
@@ -21,6 +21,8 @@ LIMITS = {
     "classes": ("OVDET_MAX_CLASSES", 2000),
     "prompts": ("OVDET_MAX_PROMPTS", 8192),  # texts the text tower encodes: phrasings × templates
     "prompt_chars": ("OVDET_MAX_PROMPT_CHARS", 1000),  # CLIP reads 77 tokens, ~300 characters of English
+    "exemplars": ("OVDET_MAX_EXEMPLARS", 1000),  # exemplar images a spec may name (each is decoded and embedded)
+    "exemplar_bytes": ("OVDET_MAX_EXEMPLAR_BYTES", 64 << 20),  # size of one exemplar image file
 }
 
 
