@@ -1,13 +1,15 @@
 """Names and values that option parsers share with the modules behind them; stdlib only, so `ovdet --help` is fast.
 
-Each value is defined here once: the modules that use it (ovdet.backends, ovdet.datasets.writers, ovdet.jobs.export, ovdet.text.prompts,
-ovdet.jobs.synth, ovdet.video.live, ovdet.text.cache) import it from here and re-export it under their own names, and the
-CLI builds its options from here without importing torch, OpenCV or transformers.
+Each value is defined here once: the modules that use it (ovdet.datasets.writers, ovdet.text.prompts, ovdet.jobs.synth,
+ovdet.video.live, ovdet.text.cache) import it from here and re-export it under their own names, and the CLI builds its
+options from here without importing torch, OpenCV or transformers. The backend and export names are the exception: their
+source is the backend table (ovdet.backends.table), and a test checks that this copy agrees with it.
 """
 
 from __future__ import annotations
 
-# ovdet.backends: what runs the forward pass, and at which precision
+# ovdet.backends: what runs the forward pass, and at which precision; the names and precisions of the backend table
+# (ovdet.backends.table, which imports torch), repeated here for the parser: tests/test_backend_table.py checks them
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime", "tensorrt")
 BACKEND_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BACKEND_ENV = "OVDET_BACKEND"  # what backend="auto" means when set (e.g. torch)
@@ -16,7 +18,7 @@ BACKEND_ENV = "OVDET_BACKEND"  # what backend="auto" means when set (e.g. torch)
 DATASET_FORMATS = ("coco", "yolo", "voc", "jsonl")
 
 # ovdet.jobs.export: format -> how ultralytics recognises an exported file by its name (AutoBackend looks at the
-# suffix), and the precisions an exported file can hold
+# suffix), and the precisions an exported file can hold; the export formats of the backend table, as above
 EXPORT_FORMATS = {"onnx": ".onnx", "openvino": "_openvino_model", "engine": ".engine"}
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 

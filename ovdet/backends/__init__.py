@@ -1,8 +1,10 @@
-"""Backends: the forward pass behind one protocol (letterboxed batch + text embeddings → raw head output [B,4+K,A]).
+"""Backends: the forward pass behind one base class (letterboxed batch + text embeddings → raw head output [B,4+K,A]).
 
-`torch` runs ultralytics' model as it is; `openvino`, `onnxruntime` (and `tensorrt`) run the live-vocabulary graph
-(`graph.LiveWorldGraph`), exported once per weights and kept in the compiled-model cache: the text embeddings are an
-input, so a vocabulary change never exports again. Everything after the head stays in ovdet.model.world, shared.
+Which backends exist, where they run and at which precisions is ovdet.backends.table.TABLE; `resolve` and
+`create_backend` read it, and every backend class subclasses ovdet.backends.base.Backend. `torch` runs ultralytics'
+model as it is; `openvino`, `onnxruntime` (and `tensorrt`) run the live-vocabulary graph (`graph.LiveWorldGraph`),
+exported once per weights and kept in the compiled-model cache: the text embeddings are an input, so a vocabulary
+change never exports again. Everything after the head stays in ovdet.model.world, shared.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import torch
 from ovdet.backends.base import Backend, BuildInfo, Calibration, ExportedBackend
 from ovdet.backends.cache import CompiledCache, compiled_dir
 from ovdet.backends.graph import IMAGES, OUTPUT, TEXT, LiveWorldGraph, export_onnx
+from ovdet.backends.table import TABLE, BackendSpec
 from ovdet.errors import ModelError
-from ovdet.options import BACKEND_ENV, BACKENDS  # defined there so that the CLI parser needs no torch
-from ovdet.options import BACKEND_PRECISIONS as PRECISIONS
+from ovdet.options import BACKEND_ENV  # defined there so that the CLI parser needs no torch
+from ovdet.options import BACKEND_PRECISIONS as PRECISIONS  # every precision of TABLE, in the order options list it
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "PRECISIONS", "IMAGES", "OUTPUT", "TEXT", "Backend", "BackendChoice",
-           "BuildInfo", "Calibration", "CompiledCache", "ExportedBackend", "LiveWorldGraph", "compiled_dir",
-           "create_backend", "export_onnx", "resolve"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "PRECISIONS", "IMAGES", "OUTPUT", "TABLE", "TEXT", "Backend", "BackendChoice",
+           "BackendSpec", "BuildInfo", "Calibration", "CompiledCache", "ExportedBackend", "LiveWorldGraph",
+           "compiled_dir", "create_backend", "export_onnx", "resolve"]
+
+BACKENDS = ("auto", *TABLE)  # what backend= accepts (ovdet.options.BACKENDS, for the CLI, is the same tuple)
 
 
 @dataclass(frozen=True)
@@ -35,17 +40,10 @@ class BackendChoice:
     precision: str
     reason: str = ""
 
-
-def _runtime_available(name: str) -> bool:
-    if name == "openvino":
-        from ovdet.backends.openvino_backend import available
-    elif name == "onnxruntime":
-        from ovdet.backends.onnxruntime_backend import available
-    elif name == "tensorrt":
-        from ovdet.backends.tensorrt import available
-    else:
-        return True
-    return available()
+    @property
+    def spec(self) -> BackendSpec:
+        """The table row of the chosen backend."""
+        return TABLE[self.name]
 
 
 def resolve(backend: str | None = "auto", device: str | torch.device = "auto", half: bool | None = None,
@@ -54,7 +52,7 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
 
     `auto` (or None) is $OVDET_BACKEND when set, else OpenVINO on a CPU when it is installed, TensorRT on CUDA when
     installed, else torch. Precision defaults to fp16 for torch / TensorRT on CUDA (half=False: fp32), fp32
-    elsewhere; `half=True` means precision fp16."""
+    elsewhere; `half=True` means precision fp16. A precision the backend's table row does not list is refused."""
     from ovdet.util.device import select_device
 
     name = (backend or "auto").strip().lower()
@@ -70,20 +68,21 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
     if half and precision is None:
         precision = "fp16"
     dev = select_device(device or "auto")
-    if device in ("auto", None) and name in ("openvino", "onnxruntime") and not (name == "onnxruntime"
-                                                                              and dev.type == "cuda"):
-        dev = torch.device("cpu")  # auto: these run on the CPU (ONNX Runtime on CUDA when there is one)
+    spec = TABLE.get(name)
+    if device in ("auto", None) and spec is not None and dev.type not in spec.devices and "cpu" in spec.devices:
+        dev = torch.device("cpu")  # auto: a backend that cannot run on the chosen device runs on the CPU
     if name == "auto":
-        if dev.type == "cpu" and _runtime_available("openvino"):
+        if dev.type == "cpu" and TABLE["openvino"].available():
             name, reason = "openvino", "auto: OpenVINO on a CPU"
-        elif dev.type == "cuda" and _runtime_available("tensorrt"):
+        elif dev.type == "cuda" and TABLE["tensorrt"].available():
             name, reason = "tensorrt", "auto: TensorRT on CUDA"
         else:
             name = "torch"
             reason = ("auto: openvino is not installed" if dev.type == "cpu" else
                       "auto: tensorrt is not available" if dev.type == "cuda" else f"auto: {dev.type}")
     if precision is None:
-        precision = "fp16" if name in ("torch", "tensorrt") and dev.type == "cuda" and half is not False else "fp32"
+        precision = "fp16" if "fp16" in TABLE[name].precisions and dev.type == "cuda" and half is not False else "fp32"
+    TABLE[name].load().check_precision(precision)
     return BackendChoice(name, dev, precision, reason)
 
 
@@ -91,15 +90,6 @@ def create_backend(choice: BackendChoice, model: Any, model_id: Callable[[], str
                    calibration: Callable[[], Calibration] | None = None,
                    cache: CompiledCache | None = None) -> Backend:
     """The backend `choice` names, for `model` (a fused WorldModel): torch runs it, the others export it lazily."""
-    if choice.name == "torch":
-        from ovdet.backends.torch_backend import TorchBackend
-
-        return TorchBackend(model, choice.precision, choice.device, threads)
-    if choice.name == "tensorrt":
-        from ovdet.backends.tensorrt_backend import TensorRTBackend as cls
-    elif choice.name == "openvino":
-        from ovdet.backends.openvino_backend import OpenVINOBackend as cls
-    else:
-        from ovdet.backends.onnxruntime_backend import ONNXRuntimeBackend as cls
-    threads = int(threads) if threads else torch.get_num_threads()
-    return cls(model, model_id, choice.precision, threads, choice.device, calibration=calibration, cache=cache)
+    cls = choice.spec.load()
+    return cls(model, choice.precision, choice.device, threads, model_id=model_id, calibration=calibration,
+               cache=cache)

@@ -1,31 +1,80 @@
-"""The backend protocol and the shared machinery of backends that run an exported live-vocabulary graph."""
+"""The base class of every backend (the contract) and the shared machinery of backends that run an exported
+live-vocabulary graph."""
 
 from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ovdet.backends.cache import CompiledCache, library_versions
+from ovdet.backends.table import BackendSpec
 from ovdet.errors import ModelError
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """Runs the detector's forward pass: letterboxed batch [B,3,H,W] RGB 0..1 and text embeddings [1 or B, K, D] in,
-    raw head output [B, 4+K, A] out (xywh boxes in input pixels, then one sigmoid score per embedding row)."""
+class Backend(ABC):
+    """Runs the detector's forward pass. Every backend subclasses this and is a row of ovdet.backends.table.TABLE
+    (`spec`, which gives its name, runtime, devices and precisions).
 
-    name: str
-    precision: str
-    threads: int
+    Given: `model`, the fused WorldModel (on `device` for torch; a CPU copy that the exported backends export),
+    `precision` (one of `spec.precisions`, else a ModelError that says what to use), `device`, `threads` (None: the
+    backend's default), and for backends that compile the model: `model_id()` (the weights' identity, part of the
+    cache key), `calibration()` (int8 calibration data) and the compiled-model `cache`.
+    `run(batch, txt_feats)`: letterboxed batch [B,3,H,W] RGB 0..1 and text embeddings [1 or B, K, D] in, raw head
+    output [B, 4+K, A] out (xywh boxes in input pixels, then one sigmoid score per embedding row), on the batch's
+    device. `name`, `precision` and `threads` say what runs (`describe()`, the backend line); `exports` counts the
+    graphs this instance exported (a vocabulary change never adds one)."""
 
-    def run(self, batch: torch.Tensor, txt_feats: torch.Tensor) -> torch.Tensor: ...
+    spec: ClassVar[BackendSpec]
+
+    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None, *,
+                 model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
+                 cache: CompiledCache | None = None):
+        self.check_precision(precision)
+        self.model = model
+        self.precision = precision
+        self.device = device
+        self.exports = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return self.spec.precisions
+
+    @property
+    @abstractmethod
+    def threads(self) -> int:
+        """The threads it runs on (intra-op)."""
+
+    @classmethod
+    def precision_message(cls, precision: str) -> str:
+        """What to say when asked for a precision this backend does not run."""
+        return (f"The {cls.spec.name} backend runs {', '.join(cls.spec.precisions)}, not {precision}: pick one of "
+                "those, or --backend openvino for bf16 / int8 on a CPU, tensorrt or torch for fp16 on a GPU.")
+
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        """A ModelError that says what to use when `precision` is not one this backend runs."""
+        if precision not in cls.spec.precisions:
+            raise ModelError(cls.precision_message(precision))
+
+    @abstractmethod
+    def run(self, batch: torch.Tensor, txt_feats: torch.Tensor) -> torch.Tensor:
+        """The raw head output [B, 4+K, A] for `batch` and `txt_feats` (see the class docstring)."""
+
+    def describe(self) -> str:
+        """What runs, in words, e.g. "openvino fp32, 2 threads" (the start of the backend line)."""
+        return f"{self.name} {self.precision}, {self.threads} thread{'s' if self.threads != 1 else ''}"
 
 
 @dataclass
@@ -47,35 +96,28 @@ class BuildInfo:
     path: Path
 
 
-class ExportedBackend:
+class ExportedBackend(Backend):
     """A backend whose model is the live-vocabulary graph exported once (ONNX, then the runtime's format),
-    kept in the compiled-model cache, and loaded lazily on the first run. Subclasses set `name`, `runtime`,
-    `precisions` and implement `_build(folder)`, `_load(folder)` and `_infer(images, txt)`."""
+    kept in the compiled-model cache, and loaded lazily on the first run. `threads` None means torch's current
+    count. Subclasses set `spec` and implement `_build(folder)`, `_load(folder)` and `_infer(images, txt)`."""
 
-    name = ""
-    runtime = ""  # the runtime's package name, part of the cache key
-    precisions: tuple[str, ...] = ("fp32",)
-
-    def __init__(self, model: Any, model_id: Callable[[], str], precision: str, threads: int,
-                 device: torch.device, calibration: Callable[[], Calibration] | None = None,
+    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None, *,
+                 model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
                  cache: CompiledCache | None = None):
-        if precision not in self.precisions:
-            raise ModelError(self._precision_message(precision))
-        self.model = model
+        super().__init__(model, precision, device, threads)
+        if model_id is None:
+            raise TypeError(f"{type(self).__name__} needs model_id: the weights' identity names its cache entry")
         self._model_id = model_id
-        self.precision = precision
-        self.threads = int(threads)
-        self.device = device
+        self._threads = int(threads) if threads else torch.get_num_threads()
         self._calibration = calibration
         self.cache = cache or CompiledCache()
-        self.exports = 0  # graphs this instance exported (a vocabulary change never adds one)
         self.build_info: BuildInfo | None = None
         self._runner: Any = None
         self._lock = threading.Lock()
 
-    def _precision_message(self, precision: str) -> str:
-        return (f"The {self.name} backend runs {', '.join(self.precisions)}, not {precision}: pick one of those, or "
-                "--backend openvino for bf16 / int8 on a CPU, tensorrt or torch for fp16 on a GPU.")
+    @property
+    def threads(self) -> int:
+        return self._threads
 
     def kind(self, calibration: Calibration | None) -> str:
         """What the cached file holds: precisions that only differ in how the runtime compiles share a file."""
@@ -97,7 +139,7 @@ class ExportedBackend:
             calibration = self._calibration()
         kind = self.kind(calibration)
         fields = {"model": self._model_id(), "backend": self.name, "kind": kind,
-                  "versions": library_versions(self.runtime, *self.extra_packages(kind))}
+                  "versions": library_versions(self.spec.runtime, *self.extra_packages(kind))}
 
         def build(folder: Path) -> None:
             self.exports += 1

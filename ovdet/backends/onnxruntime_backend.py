@@ -10,6 +10,7 @@ import torch
 from ovdet.backends import graph
 from ovdet.backends.base import Calibration, ExportedBackend
 from ovdet.backends.cache import require_module
+from ovdet.backends.table import TABLE
 from ovdet.errors import ModelError
 
 INSTALL = 'pip install "ovdet[onnx]" (or pip install onnxruntime; onnxruntime-gpu for CUDA)'
@@ -17,17 +18,13 @@ INSTALL = 'pip install "ovdet[onnx]" (or pip install onnxruntime; onnxruntime-gp
 
 def available() -> bool:
     """True when the onnxruntime package can be imported."""
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
+    return ONNXRuntimeBackend.spec.installed()
 
 
 class ONNXRuntimeBackend(ExportedBackend):
     """Runs the graph with ONNX Runtime; `threads` sets intra-op threads (inter-op 1, sequential execution)."""
 
-    name = "onnxruntime"
-    runtime = "onnxruntime"
-    precisions = ("fp32",)
+    spec = TABLE["onnxruntime"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,7 +40,8 @@ class ONNXRuntimeBackend(ExportedBackend):
         else:
             raise ModelError(f"The onnxruntime backend runs on the CPU or CUDA, not {self.device}: use device='cpu'.")
 
-    def _precision_message(self, precision: str) -> str:
+    @classmethod
+    def precision_message(cls, precision: str) -> str:
         return (f"The onnxruntime backend runs fp32 only, not {precision}: use --backend openvino for bf16 or int8 on "
                 "a CPU, --backend tensorrt (or torch) for fp16 on a GPU.")
 

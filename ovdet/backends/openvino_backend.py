@@ -11,6 +11,7 @@ import torch
 from ovdet.backends import graph
 from ovdet.backends.base import Calibration, ExportedBackend
 from ovdet.backends.cache import require_module
+from ovdet.backends.table import TABLE
 from ovdet.errors import ModelError
 
 INSTALL = "pip install openvino (a dependency of ovdet: reinstall ovdet)"
@@ -29,9 +30,7 @@ INT8_RECIPE = 2  # bump when the quantization settings change: part of the cache
 
 def available() -> bool:
     """True when the openvino package can be imported."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
+    return OpenVINOBackend.spec.installed()
 
 
 def cpu_capabilities() -> list[str]:
@@ -44,9 +43,7 @@ class OpenVINOBackend(ExportedBackend):
     """Runs the graph with OpenVINO's CPU plugin; `INFERENCE_PRECISION_HINT` is always set explicitly (the plugin
     would pick bf16 by itself on CPUs that have it)."""
 
-    name = "openvino"
-    runtime = "openvino"
-    precisions = ("fp32", "bf16", "int8")
+    spec = TABLE["openvino"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

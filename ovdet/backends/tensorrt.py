@@ -21,7 +21,8 @@ def available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
-def _trt():
+def require_tensorrt():
+    """The tensorrt module, or a ModelError that says what is missing (CUDA, or the package)."""
     if not torch.cuda.is_available():
         raise ModelError("TensorRT runs on an NVIDIA GPU and CUDA is not available here: use backend='openvino' or "
                          "'torch' on a CPU.")
@@ -54,7 +55,7 @@ def build_engine(onnx_path: str | Path, precision: str = "fp32", imgsz: int = 64
     """Build a serialized TensorRT engine from the live graph's ONNX file, for this machine's GPU.
 
     Inputs `images` [B,3,H,W] and `txt_feats` [1..B, K, D] stay float32 (fp16 runs inside), output [B,4+K,A]."""
-    trt = _trt()
+    trt = require_tensorrt()
     if precision not in ("fp32", "fp16"):
         raise ModelError(f"The TensorRT engine is built in fp32 or fp16, not {precision}: use precision fp16 (the "
                          "fast one on a GPU) or fp32.")
@@ -98,7 +99,7 @@ class EngineRunner:
     """A deserialized engine and its execution context: runs CUDA tensors in place, on the current stream."""
 
     def __init__(self, engine_bytes: bytes, device: torch.device, profile: Profile | None = None):
-        trt = _trt()
+        trt = require_tensorrt()
         self.device = device
         self.profile = profile
         self._logger = trt.Logger(trt.Logger.WARNING)

@@ -8,7 +8,9 @@ import torch
 
 from ovdet.backends import graph
 from ovdet.backends.base import Calibration, ExportedBackend
-from ovdet.backends.tensorrt import EngineRunner, Profile, _trt, available  # noqa: F401 - available: the auto check
+from ovdet.backends.table import TABLE
+from ovdet.backends.tensorrt import EngineRunner, Profile, build_engine, require_tensorrt
+from ovdet.backends.tensorrt import available  # noqa: F401 - the check backend='auto' makes (TABLE's probe)
 from ovdet.errors import ModelError
 
 
@@ -17,19 +19,18 @@ class TensorRTBackend(ExportedBackend):
     1-16, sizes 32-1280 px and 1-1024 prompts (a shape outside it is a clear ModelError). Engines are specific to a
     GPU model and TensorRT version, which are part of the cache key."""
 
-    name = "tensorrt"
-    runtime = "tensorrt"
-    precisions = ("fp32", "fp16")
+    spec = TABLE["tensorrt"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.device.type != "cuda":
             raise ModelError(f"The tensorrt backend runs on an NVIDIA GPU, not {self.device}: use device='cuda', or "
                              "backend='openvino' / 'torch' on a CPU.")
-        _trt()  # a clear ModelError when tensorrt is missing
+        require_tensorrt()  # a clear ModelError when tensorrt is missing
         self.profile = Profile()
 
-    def _precision_message(self, precision: str) -> str:
+    @classmethod
+    def precision_message(cls, precision: str) -> str:
         return (f"The tensorrt backend runs fp16 or fp32, not {precision}: use precision fp16 (the fast one on a "
                 "GPU), or backend='openvino' for bf16 / int8 on a CPU.")
 
@@ -43,8 +44,6 @@ class TensorRTBackend(ExportedBackend):
 
     def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: torch.Tensor | None) -> None:
         onnx_path = graph.export_onnx(self.model, folder / "graph.onnx")
-        from ovdet.backends.tensorrt import build_engine
-
         embed = int(self.model.txt_feats.shape[-1])
         (folder / "model.engine").write_bytes(build_engine(onnx_path, self.precision, self.profile.imgsz, embed,
                                                            self.profile))

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ovdet.backends.base import Backend, Calibration
+from ovdet.backends.cache import CompiledCache
+from ovdet.backends.table import TABLE
 from ovdet.errors import ModelError
 
 
-class TorchBackend:
+def available() -> bool:
+    """Always True: torch is one of ovdet's own dependencies."""
+    return True
+
+
+class TorchBackend(Backend):
     """`WorldModel.predict(batch, txt_feats=...)` with the head's class count set from the embeddings.
 
-    `threads` given sets torch's intra-op threads for the process; otherwise torch's current count is kept."""
+    `threads` given sets torch's intra-op threads for the process; otherwise torch's current count is kept. The
+    compiled-model arguments (model_id, calibration, cache) are not used: nothing is exported."""
 
-    name = "torch"
+    spec = TABLE["torch"]
 
-    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None):
-        if precision not in ("fp32", "fp16"):
-            raise ModelError(f"The torch backend runs fp32 (or fp16 on a GPU), not {precision}: use backend='openvino' "
-                             "(--backend openvino) for bf16 or int8 on a CPU.")
+    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None, *,
+                 model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
+                 cache: CompiledCache | None = None):
+        super().__init__(model, precision, device, threads)
         if precision == "fp16" and device.type == "cpu":
             raise ModelError("fp16 needs a GPU: fp16 convolutions are not supported on CPU; use precision fp32, or "
                              "bf16 / int8 with --backend openvino.")
         if threads is not None:
             torch.set_num_threads(int(threads))
-        self.model = model
-        self.precision = precision
-        self.device = device
-        self.exports = 0
+
+    @classmethod
+    def precision_message(cls, precision: str) -> str:
+        return (f"The torch backend runs fp32 (or fp16 on a GPU), not {precision}: use backend='openvino' "
+                "(--backend openvino) for bf16 or int8 on a CPU.")
 
     @property
     def threads(self) -> int:

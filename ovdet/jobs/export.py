@@ -12,17 +12,20 @@ from pathlib import Path
 
 import torch
 
+from ovdet.backends.table import EXPORT_PRECISIONS as PRECISIONS
+from ovdet.backends.table import EXPORTS
 from ovdet.weights.checkpoint import _quiet_ultralytics
 from ovdet.text.cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError, ModelError
-from ovdet.options import EXPORT_FORMATS as FORMATS  # defined there so that the CLI parser needs no torch
-from ovdet.options import EXPORT_PRECISIONS as PRECISIONS
 from ovdet.text.prompts import ClassSpec, parse_classes
 from ovdet.text.tower import TextEncoder
 from ovdet.model.world import WorldDetector
 
-# the live-vocabulary graph is not an ultralytics file: an .onnx, an OpenVINO .xml (+ .bin) or a TensorRT .engine
-LIVE_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "engine": ".engine"}
+# the formats and precisions come from the backend table (ovdet.options repeats them for the CLI parser, without
+# torch): format -> how ultralytics recognises a baked export by its name (AutoBackend looks at the suffix), and
+# the live-vocabulary graph's file, which is not an ultralytics file (an .onnx, an OpenVINO .xml + .bin, an .engine)
+FORMATS = {name: fmt.suffix for name, fmt in EXPORTS.items()}
+LIVE_SUFFIXES = {name: fmt.live_suffix for name, fmt in EXPORTS.items()}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 

@@ -134,9 +134,8 @@ class WorldDetector:
 
     def describe(self) -> str:
         """Which backend runs, in words: e.g. "openvino fp32, 2 threads, cpu (auto: OpenVINO on a CPU)"."""
-        b = self.backend
         why = f" ({self.backend_reason})" if self.backend_reason else ""
-        return f"{b.name} {b.precision}, {b.threads} thread{'s' if b.threads != 1 else ''}, {self.device}{why}"
+        return f"{self.backend.describe()}, {self.device}{why}"
 
     @classmethod
     def load(cls, source: str | Path | WorldModel, device: str | torch.device = "auto",
