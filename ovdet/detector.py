@@ -47,7 +47,8 @@ def parse_class_names(classes: str | Sequence[str]) -> list[str]:
 @dataclass
 class DetectorPayload:
     """What another process needs to rebuild a detector with its classes (the Ray engine ships it to every worker
-    once): the weights as a CPU float32 WorldModel, the class spec, one embedding row per spec column, the image size."""
+    once): the weights as a CPU float32 WorldModel, the class spec, one embedding row per spec column, the image
+    size."""
 
     model: Any  # ultralytics WorldModel
     spec: ClassSpec

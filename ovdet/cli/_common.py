@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ovdet.config import DetectorConfig
 from ovdet.options import BACKEND_ENV, BACKEND_PRECISIONS, BACKENDS
 
 if TYPE_CHECKING:  # the detector (torch, ultralytics, transformers) is imported when a command runs, not for --help
@@ -12,36 +13,40 @@ if TYPE_CHECKING:  # the detector (torch, ultralytics, transformers) is imported
     from ovdet.tiling import TileSpec
 
 
+_DEFAULTS = DetectorConfig()
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --text-model, --device, --half, --backend, --precision, --calib, --threads, --imgsz, --conf, --iou,
-    --max-det."""
+    --max-det, --trust-weights: one per DetectorConfig field, with its default (read back by detector_config)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="yolov8s-worldv2",
+    group.add_argument("--model", default=_DEFAULTS.model,
                        help="detector: a name from `ovdet weights list`, a .pt file, or an ultralytics yaml config")
-    group.add_argument("--text-model", default=None,
+    group.add_argument("--text-model", default=_DEFAULTS.text_model,
                        help="text tower: Hugging Face id, folder or OpenAI ViT-B-32.pt (default: the one in the "
                             "checkpoint, else CLIP ViT-B/32)")
-    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    group.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
+    group.add_argument("--device", default=_DEFAULTS.device,
+                       help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    group.add_argument("--half", action=argparse.BooleanOptionalAction, default=_DEFAULTS.half,
                        help="fp16 inference (default: on for CUDA, off otherwise)")
-    group.add_argument("--backend", choices=BACKENDS, default="auto",
+    group.add_argument("--backend", choices=BACKENDS, default=_DEFAULTS.backend,
                        help="what runs the model: auto (OpenVINO on a CPU, TensorRT on CUDA, when installed; else "
                             f"torch; ${BACKEND_ENV} overrides auto), torch, openvino, onnxruntime, tensorrt. The "
                             "vocabulary stays live on every backend; see README, Backends")
-    group.add_argument("--precision", choices=BACKEND_PRECISIONS, default=None,
+    group.add_argument("--precision", choices=BACKEND_PRECISIONS, default=_DEFAULTS.precision,
                        help="fp32; bf16 (openvino, CPUs with bf16); fp16 (GPU); int8 (openvino, calibrated on --calib "
                             "images) (default: fp16 with torch / tensorrt on CUDA, else fp32)")
-    group.add_argument("--calib", default=None, metavar="DIR",
+    group.add_argument("--calib", default=_DEFAULTS.calib, metavar="DIR",
                        help="folder of images to calibrate int8 on, like the ones you will detect in (default: the "
                             "samples shipped with ovdet, else ultralytics' sample photos)")
-    group.add_argument("--threads", type=int, default=None, metavar="N",
+    group.add_argument("--threads", type=int, default=_DEFAULTS.threads, metavar="N",
                        help="CPU threads of the backend (default: torch's thread count)")
-    group.add_argument("--imgsz", type=int, default=None,
+    group.add_argument("--imgsz", type=int, default=_DEFAULTS.imgsz,
                        help="inference size in pixels, a multiple of 32 (default: the size the model was trained "
                             "at, 640 for the published YOLO-World models)")
-    group.add_argument("--conf", type=float, default=0.25, help="minimum confidence of a detection")
-    group.add_argument("--iou", type=float, default=0.7, help="IoU threshold of non-maximum suppression")
-    group.add_argument("--max-det", type=int, default=300, help="most detections kept per image")
+    group.add_argument("--conf", type=float, default=_DEFAULTS.conf, help="minimum confidence of a detection")
+    group.add_argument("--iou", type=float, default=_DEFAULTS.iou, help="IoU threshold of non-maximum suppression")
+    group.add_argument("--max-det", type=int, default=_DEFAULTS.max_det, help="most detections kept per image")
     add_trust_option(group)
 
 
@@ -59,14 +64,16 @@ def add_classes_option(parser: argparse.ArgumentParser) -> None:
                              'it best; or a class file (.yaml/.json, see samples/classes/)')
 
 
-def detector_from_args(args: argparse.Namespace, **overrides) -> OVDetector:
+def detector_config(args: argparse.Namespace, **overrides: Any) -> DetectorConfig:
+    """The DetectorConfig of the options add_model_options added (each field's option has the field's name)."""
+    return DetectorConfig(**{name: getattr(args, name) for name in DetectorConfig.names()}).replace(**overrides)
+
+
+def detector_from_args(args: argparse.Namespace, **overrides: Any) -> OVDetector:
     """An OVDetector from the parsed model options (each command's summary line says which backend ran)."""
     from ovdet.detector import OVDetector
 
-    options = dict(text_model=args.text_model, device=args.device, half=args.half, imgsz=args.imgsz, conf=args.conf,
-                   iou=args.iou, max_det=args.max_det, trust_weights=args.trust_weights, backend=args.backend,
-                   precision=args.precision, calib=args.calib, threads=args.threads)
-    return OVDetector(args.model, **{**options, **overrides})
+    return OVDetector.from_config(detector_config(args, **overrides))
 
 
 def backend_words(det: OVDetector) -> str:

@@ -7,7 +7,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
+from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, build_detector, detector_config,
+                               tile_options)
 from ovdet.util.display import shown
 from ovdet.errors import DatasetError
 from ovdet.options import DATASET_FORMATS as FORMATS
@@ -68,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     engine: str | RayEngine = "local"
-    if args.engine == "ray":  # the workers build their detectors on --device; the driver encodes classes on its CPU
+    if args.engine == "ray":  # the workers run the model options; the driver encodes the classes on its CPU
         from ovdet.engines.ray import RayEngine
 
         engine = RayEngine(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -78,11 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from ovdet.jobs.annotate import annotate_folder
 
     summary = annotate_folder(
-        args.src, args.classes, args.out, formats=args.format,
-        detector=None if args.engine == "ray" else lambda: build_detector(args),
-        model=args.model, text_model=args.text_model, device=args.device, half=args.half, backend=args.backend,
-        precision=args.precision, calib=args.calib,
-        imgsz=args.imgsz, conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch,
+        args.src, args.classes, args.out, formats=args.format, config=detector_config(args),
+        detector=None if args.engine == "ray" else lambda: build_detector(args), batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
         val_split=args.val_split, split_seed=args.split_seed, engine=engine, tile=tile_options(args),
     )

@@ -56,10 +56,11 @@ def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
 
     texts, cache = spec.texts(), EmbeddingCache()
     if args.model is not None:
+        from ovdet.config import DetectorConfig
         from ovdet.detector import OVDetector
 
-        detector = OVDetector(args.model, text_model=args.text_model, device=args.device,
-                              trust_weights=args.trust_weights)
+        detector = OVDetector.from_config(DetectorConfig(model=args.model, text_model=args.text_model,
+                                                         device=args.device, trust_weights=args.trust_weights))
         identity = detector.text_identity
         cached = len(cache.get(identity, texts))
         detector.set_classes(spec)

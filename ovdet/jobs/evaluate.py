@@ -17,8 +17,8 @@ from supervision.metrics import MeanAveragePrecision
 
 from ovdet.errors import DatasetError
 from ovdet.util.progress import progress as progress_display
-from ovdet.runs.folder import JOURNAL, MANIFEST, clear_outputs
-from ovdet.runs.lock import LOCK_NAME, lock_output
+from ovdet.runs.folder import JOURNAL, MANIFEST, check_output_folder, clear_outputs
+from ovdet.runs.lock import lock_output
 from ovdet.runs.journal import ImageRecord, Journal
 from ovdet.util.safeio import atomic_write
 from ovdet.media.sources import IMAGE_EXTENSIONS, list_image_files, prefetch_images
@@ -365,6 +365,7 @@ class _EvalRun:
     def __init__(self, out: Path):
         self.out = out
         manifest = out / MANIFEST
+        check_output_folder(out)
         if manifest.exists():
             try:
                 kind = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
@@ -374,8 +375,6 @@ class _EvalRun:
                 raise DatasetError(f"{out} holds another kind of run ({kind or 'unreadable run.json'}); choose a "
                                    "new --out folder for the eval run")
             clear_outputs(out)
-        elif any(p.name != LOCK_NAME for p in out.iterdir()):
-            raise DatasetError(f"{out}: folder is not empty and holds no ovdet run; choose an empty or new --out")
         self.journal = Journal(out / JOURNAL)
         self.count = 0
         self.images_root: str | None = None  # the folder holding every image: run.json's "source" (see image_problem)

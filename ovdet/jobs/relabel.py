@@ -22,7 +22,8 @@ import numpy as np
 from ovdet.errors import DatasetError, RelabelError
 from ovdet.util.progress import progress
 from ovdet.runs.lock import LOCK_NAME, lock_output
-from ovdet.runs.folder import ERRORS, JOURNAL, MANIFEST, RunFolder, clear_outputs, load_run
+from ovdet.runs.folder import (ERRORS, JOURNAL, MANIFEST, RunFolder, check_output_folder, clear_outputs,
+                               load_run)
 from ovdet.datasets.formats import open_dataset_writers, parse_formats, rebuild_from_journal
 from ovdet.runs.journal import ImageRecord, Journal
 from ovdet.util.safeio import atomic_write
@@ -125,12 +126,8 @@ def _class_plan(names: list[str], drop: Sequence[str], rename: Mapping[str, str]
 def _prepare_out(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve():
         raise DatasetError(f"--out {out} is the run folder itself; write the relabelled datasets to a new folder")
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out}: exists and is a file; choose a folder for --out")
+    check_output_folder(out)
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        if not (out / MANIFEST).exists():
-            raise DatasetError(f"{out}: folder is not empty and holds no ovdet run; choose an empty or new --out "
-                               "folder")
         if not overwrite:
             raise DatasetError(f"{out}: holds an earlier run; pass --overwrite to replace it, or choose another "
                                "--out folder")

@@ -18,11 +18,13 @@ from typing import Any
 
 from ovdet.errors import DatasetError
 from ovdet.runs.journal import checked_image_record, read_journal
+from ovdet.runs.lock import LOCK_NAME
+from ovdet.util.display import shown
 from ovdet.util.safeio import open_no_follow, read_no_follow
 from ovdet.media.sources import IMAGE_EXTENSIONS
 
-__all__ = ["ERRORS", "JOURNAL", "KINDS", "MANIFEST", "ORIGINALS", "OUTPUTS", "RunFolder", "clear_outputs",
-           "error_record", "load_run"]
+__all__ = ["ERRORS", "JOURNAL", "KINDS", "MANIFEST", "ORIGINALS", "OUTPUTS", "RunFolder", "check_output_folder",
+           "clear_outputs", "error_record", "load_run"]
 
 MANIFEST = "run.json"
 JOURNAL = "predictions.jsonl"
@@ -51,6 +53,22 @@ def clear_outputs(folder: str | os.PathLike) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def check_output_folder(out: str | os.PathLike, run: str = "", remedy: str = "") -> None:
+    """Refuse `out` as a job's output folder when it is a file, or a folder that holds files but no ovdet run
+    (run.json): the job would mix its files with someone else's, and --overwrite removes only ovdet's own.
+
+    `run` names the kind of run in the message ("annotate "), `remedy` is added to its advice. A new folder, an
+    empty one (the job's lock file aside) and an earlier run's folder pass; whether that run may be resumed or
+    replaced is the job's to decide.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{shown(out)}: output path exists and is a file; choose a folder for --out")
+    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise DatasetError(f"{shown(out)}: folder is not empty and holds no ovdet {run}run; choose an empty or new "
+                           f"--out folder{remedy}")
 
 
 def _inside(path: str, root: str) -> bool:

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -24,6 +24,9 @@ from ovdet.media.draw import draw
 from ovdet.errors import VideoOutputError
 from ovdet.util.progress import progress as progress_display
 from ovdet.media.stream import Result, Tracker, detect_frames
+
+if TYPE_CHECKING:
+    from ovdet.detector import OVDetector
 
 
 def detections_to_json(detections: sv.Detections) -> list[dict[str, Any]]:
@@ -78,7 +81,7 @@ class VideoReport:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
-def process_video(detector: Any, source: Source, out: str | Path | None = None, jsonl: str | Path | None = None,
+def process_video(detector: OVDetector, source: Source, out: str | Path | None = None, jsonl: str | Path | None = None,
                   *, track: bool = False, traces: bool = False, batch: int = 1, fps: float | None = None,
                   conf: float | None = None, progress: bool = True, **detect_kw: Any) -> VideoReport:
     """Detect in every frame of `source`; write the annotated video to `out` and/or one JSON line per frame.

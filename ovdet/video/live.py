@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -23,6 +23,9 @@ from ovdet.errors import ClassSpecError
 from ovdet.options import LIVE_KEYS_HELP as HELP  # defined there so that the CLI parser needs no OpenCV
 from ovdet.media.stream import Result, Tracker, detect_frames
 from ovdet.video.job import Annotator, open_writer
+
+if TYPE_CHECKING:
+    from ovdet.detector import OVDetector
 
 KEY_QUIT = (ord("q"), 27)
 KEY_PAUSE, KEY_SNAPSHOT, KEY_RECORD, KEY_CLASSES = ord(" "), ord("s"), ord("r"), ord("c")
@@ -151,7 +154,7 @@ def _ask_classes() -> str:
     return input("new classes (comma-separated, empty keeps the current ones): ")
 
 
-def run_live(detector: Any, source: Source = 0, *, window: bool = True, record: str | Path | None = None,
+def run_live(detector: OVDetector, source: Source = 0, *, window: bool = True, record: str | Path | None = None,
              out_dir: str | Path = ".", track: bool = False, conf: float | None = None,
              display: Display | None = None, ask: Callable[[], str] = _ask_classes,
              echo: Callable[[str], None] = print, live: bool | None = None, read_timeout: float = 10.0,
@@ -183,7 +186,7 @@ def run_live(detector: Any, source: Source = 0, *, window: bool = True, record: 
 class _Session:
     """State of one live run: pause, recording, snapshots, FPS meter, pending class change."""
 
-    def __init__(self, detector: Any, capture: Capture, *, display: Display | None, record: Path | None,
+    def __init__(self, detector: OVDetector, capture: Capture, *, display: Display | None, record: Path | None,
                  out_dir: Path, ask: Callable[[], str], echo: Callable[[str], None]):
         self.detector, self.capture, self.display, self.echo = detector, capture, display, echo
         self.base = record or out_dir / f"ovdet-live-{datetime.now():%Y%m%d-%H%M%S}.mp4"

@@ -1,11 +1,13 @@
 """The Ray Data engine of `annotate`: a streaming actor pool over a cluster, part files merged by the driver.
 
 The driver (the process that called annotate_folder) holds the output folder's lock, encodes the classes
-once, puts the detector (weights and class embeddings) into the object store once, lists the source
+once, puts the detector (`OVDetector.worker_payload()`: weights and class embeddings) into the object store once,
+and gives every worker a WorkerSpec whose DetectorConfig says how to run it (device, backend, precision, threads).
+It lists the source
 lazily into object-store blocks of (image, output key) rows for Ray Data. `map_batches` runs them through a pool of
 `Annotator` actors (one detector each, on `cpus_per_worker` CPUs or `gpus_per_worker` GPUs); Ray restarts a
 worker that dies and retries its batch. Each batch comes back as a part file, which the driver merges
-through the local engine's writers (predictions.jsonl last), so both engines write the same outputs.
+through the job's RunWriter (predictions.jsonl last), as the local engine writes, so both write the same outputs.
 
 Exactly once: an image is merged only if predictions.jsonl does not hold it yet, and output keys are given
 out by the driver in folder order, as the local engine does. A killed driver leaves finished parts behind;
@@ -14,7 +16,6 @@ the next run merges them first and then does only the images that are still miss
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -24,19 +25,19 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ovdet.engines.ray.parts import PARTS, RUN_TOKEN, list_parts, part_dir, part_prefix, read_part
-from ovdet.engines.ray.storage import Source, open_source
-from ovdet.engines.ray.worker import Annotator, DetectorPayload, WorkerSpec
 from ovdet import errors
+from ovdet.config import DetectorConfig
+from ovdet.engines.base import Counts, Detector, Runtime, Work
+from ovdet.engines.ray.parts import PARTS, RUN_TOKEN, list_parts, part_dir, part_prefix, read_part
+from ovdet.engines.ray.worker import Annotator, WorkerSpec
+from ovdet.engines.source import Source, open_source
 from ovdet.errors import DatasetError, EngineError, OVDetError
 from ovdet.util.progress import progress
 from ovdet.runs.journal import ImageRecord
+from ovdet.runs.writer import RunWriter
 from ovdet.util.safeio import atomic_write, remove_stale_temp_files
-
-if TYPE_CHECKING:  # the run object comes from ovdet.jobs.annotate, which imports this package lazily
-    from ovdet.jobs.annotate import _Run
 
 __all__ = ["RayEngine"]
 
@@ -49,36 +50,60 @@ class RayEngine:
 
     `address`: a Ray cluster ("auto", "ray://head:10001", "10.0.0.5:6379"); None joins the cluster running
     on this machine if there is one, else starts a local one. `workers`: detector actors (default: as many
-    as the cluster has CPUs / GPUs for). `device` / `half` / `backend` / `precision` / `calib` apply to the workers (the driver encodes the
-    classes on its CPU). `part_size`: images per worker call and part file (default: from the batch and the
-    number of images).
+    as the cluster has CPUs / GPUs for). The workers run the job's DetectorConfig (annotate_folder's device, half,
+    backend, precision, calib); `device` / `half` / `backend` / `precision` / `calib` set here override it for the
+    workers (the driver only encodes the classes, on its CPU). `part_size`: images per worker call and part file
+    (default: from the batch and the number of images).
     """
 
     address: str | None = None
     workers: int | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    device: str = "auto"
+    device: str | None = None
     half: bool | None = None
     part_size: int | None = None
-    backend: str = "auto"
+    backend: str | None = None
     precision: str | None = None
     calib: str | None = None
 
-    def source(self, src: str | os.PathLike, recursive: bool = True) -> Source:
-        """Where the images are: a folder or a URI (see ovdet.engines.ray.storage)."""
+    def source(self, src: str | os.PathLike[str], recursive: bool = True) -> Source:
+        """Where the images are: a folder or a URI (see ovdet.engines.source)."""
         return open_source(src, recursive=recursive)
 
-    def run(self, run: "_Run", source: Source, done: set[str], detector: Any, detect_kwargs: dict[str, Any],
-            batch: int, quiet: bool) -> tuple[int, int]:
-        """Annotate what `done` lacks into `run`'s writers; returns (images found, images already done)."""
+    def driver_config(self, config: DetectorConfig) -> DetectorConfig:
+        """The driver only encodes the classes and ships the weights: torch fp32 on its CPU, whatever the workers
+        run on."""
+        return config.replace(device="cpu", half=False, backend="torch", precision=None, threads=None)
+
+    def worker_config(self, config: DetectorConfig) -> DetectorConfig:
+        """How every worker runs its detector: the job's device, half, backend, precision and calib (this engine's
+        where set), on `cpus_per_worker` threads. The weights, image size and classes come with the payload."""
+
+        def pick(own: Any, job: Any) -> Any:
+            return own if own is not None else job
+
+        calib = pick(self.calib, config.calib)
+        return DetectorConfig(device=pick(self.device, config.device), half=pick(self.half, config.half),
+                              backend=pick(self.backend, config.backend),
+                              precision=pick(self.precision, config.precision),
+                              calib=None if calib is None else str(calib), threads=max(1, int(self.cpus_per_worker)),
+                              conf=config.conf, iou=config.iou, max_det=config.max_det)
+
+    def runtime(self, detector: Detector, config: DetectorConfig) -> Runtime:
+        """What the workers were asked to run (each one resolves "auto" on its own machine)."""
+        workers = self.worker_config(config)
+        return Runtime(workers.backend, workers.precision, " on the workers")
+
+    def run(self, work: Work, writer: RunWriter) -> Counts:
+        """Annotate what `work.done` lacks through `writer`; returns (images found, images already done)."""
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or (self.workers is not None and self.workers < 1):
             raise EngineError("--workers must be at least 1, --cpus-per-worker above 0 and --gpus-per-worker 0 or "
                               "more")
         ray = _import_ray()
-        started = _connect(ray, self.address, quiet)
+        started = _connect(ray, self.address, quiet=work.quiet)
         try:
-            return _Driver(self, ray, run, source, done, detector, detect_kwargs, batch, quiet).run()
+            return _Driver(self, ray, work, writer).run()
         finally:
             if started:
                 ray.shutdown()
@@ -113,18 +138,14 @@ def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
     return True
 
 
-def _payload(detector: Any) -> DetectorPayload:
-    """The detector's weights (a CPU float copy) and its class embeddings, to ship to every worker once."""
-    world = getattr(detector, "world", None)
-    model = getattr(world, "model", None)
-    spec = getattr(detector, "class_spec", None)
-    if model is None or spec is None or getattr(model, "txt_feats", None) is None:
+def _payload(detector: Detector) -> Any:
+    """The detector's weights and class embeddings, to ship to every worker once (OVDetector.worker_payload)."""
+    from ovdet.detector import OVDetector
+
+    if not isinstance(detector, OVDetector):
         raise EngineError(f"engine='ray' ships an OVDetector's weights and classes to its workers; a "
                           f"{type(detector).__name__} has none. Pass an OVDetector (or model=...) instead.")
-    embeddings = model.txt_feats[0].detach().float().cpu()
-    if next(model.parameters()).device.type != "cpu" or next(model.parameters()).dtype != embeddings.dtype:
-        model = copy.deepcopy(model).float().cpu()
-    return DetectorPayload(model, spec, embeddings, int(detector.imgsz))
+    return detector.worker_payload()
 
 
 def _ovdet_cause(exc: BaseException) -> OVDetError | None:
@@ -160,16 +181,15 @@ _ERROR_LINE = re.compile(r"^ovdet\.errors\.(\w+): (.+)$", re.MULTILINE)
 class _Driver:
     """One Ray run: merge leftovers, list into object-store blocks, run the actor pool, merge parts as they come."""
 
-    def __init__(self, engine: RayEngine, ray: Any, run: "_Run", source: Source, done: set[str], detector: Any,
-                 detect_kwargs: dict[str, Any], batch: int, quiet: bool):
-        self.engine, self.ray, self.run_, self.source, self.done = engine, ray, run, source, done
-        self.detector, self.detect_kwargs, self.batch, self.quiet = detector, detect_kwargs, batch, quiet
-        self.out: Path = run.out
+    def __init__(self, engine: RayEngine, ray: Any, work: Work, writer: RunWriter):
+        self.engine, self.ray, self.work, self.writer = engine, ray, work, writer
+        self.source, self.done, self.batch, self.quiet = work.source, work.done, work.batch, work.quiet
+        self.out: Path = writer.out
         self.token = uuid.uuid4().hex
         self.merged = 0  # images of this run's parts written to the outputs (or to errors.jsonl)
         self.errored: set[str] = set()  # images with an errors.jsonl record in this run
 
-    def run(self) -> tuple[int, int]:
+    def run(self) -> Counts:
         folder = part_dir(self.out)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(folder)
@@ -191,23 +211,21 @@ class _Driver:
         part = math.ceil(part / self.batch) * self.batch
         with progress(total=found, initial=already, unit="img", desc="annotate", quiet=self.quiet) as bar:
             if todo:
-                payload = [self.ray.put(_payload(self.detector))]  # shipped once; kept referenced for restarts
-                spec = WorkerSpec(payload, str(self.out), self.token, self.source, self.detect_kwargs, self.batch,
-                                  self.engine.device, self.engine.half, max(1, int(self.engine.cpus_per_worker)),
-                                  self.run_.preview is not None, self.engine.backend, self.engine.precision,
-                                  self.engine.calib)
+                payload = [self.ray.put(_payload(self.work.detector))]  # shipped once; kept referenced for restarts
+                spec = WorkerSpec(payload, str(self.out), self.token, self.source, self.work.detect_kwargs,
+                                  self.batch, self.engine.worker_config(self.work.config), self.writer.previews)
                 blocks = self._blocks(part)
                 for row in self._execute(blocks, spec, min(workers, len(blocks)), part):
                     self._merge(folder / str(row["part"]))
                     bar.update(int(row["images"]))
-                    self.run_.maybe_checkpoint()
+                    self.writer.maybe_checkpoint()
             for path in list_parts(self.out):  # a retried call that wrote its part twice: nothing new in it
                 self._merge(path)
         if self.merged < todo:
             raise EngineError(f"{todo - self.merged} of {todo} images came back from no Ray worker; run the same "
                               "command again to do them")
         shutil.rmtree(self.out / PARTS)  # finished: the folder holds what the local engine writes, nothing more
-        return found, already
+        return Counts(found, already)
 
     def _blocks(self, part: int) -> list[Any]:
         """The images to do, with their output keys (given out in folder order), as object-store blocks of `part`
@@ -219,7 +237,7 @@ class _Driver:
             if rel in self.done:
                 continue
             images.append(rel)
-            keys.append(self.run_.key_for(rel))
+            keys.append(self.writer.key_for(rel))
             if len(images) == part:
                 blocks.append(self.ray.put(pa.table({"image": images, "key": keys})))
                 images, keys = [], []
@@ -276,15 +294,13 @@ class _Driver:
                 rec = ImageRecord.from_json(line["ok"])
                 if rec.image in self.done:
                     continue
-                if not ours:
-                    if rec.key.lower() in self.run_.used_keys:
-                        continue
-                    self.run_.used_keys.add(rec.key.lower())
-                self.run_.write(rec)
+                if not ours and not self.writer.claim_key(rec.key):
+                    continue
+                self.writer.write(rec)
                 self.done.add(rec.image)
                 self.merged += ours
             elif ours and line["error"]["image"] not in self.errored:
-                self.run_.add_error(line["error"])
+                self.writer.add_error(line["error"])
                 self.errored.add(line["error"]["image"])
                 self.merged += 1
         os.unlink(path)

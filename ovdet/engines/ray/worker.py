@@ -1,4 +1,4 @@
-"""The Ray Data worker: one detector per actor, built once from shipped weights and class embeddings.
+"""The Ray Data worker: one detector per actor, built once from the shipped payload and the spec's DetectorConfig.
 
 Each call gets a batch of (image, key) rows, reads and decodes them in threads (ovdet.media.sources rules),
 detects in sub-batches of the detector batch size, writes previews (and, for object-store sources, a
@@ -17,30 +17,22 @@ from typing import Any
 import numpy as np
 
 from ovdet.engines.ray.parts import PARTS, RUN_TOKEN, write_part
-from ovdet.engines.ray.storage import Source, SourceReader
+from ovdet.config import DetectorConfig
+from ovdet.engines.ray.storage import SourceReader
+from ovdet.engines.source import Source
 from ovdet.errors import EngineError, ImageError
-from ovdet.text.prompts import ClassSpec
 from ovdet.runs.folder import ORIGINALS, error_record  # OUT/originals: copies of object-store images
 from ovdet.util.safeio import atomic_write, ensure_dir
 from ovdet.datasets.previews import PreviewWriter
 from ovdet.runs.journal import ImageRecord
 
-__all__ = ["Annotator", "DetectorPayload", "WorkerSpec"]
-
-
-@dataclass
-class DetectorPayload:
-    """What every worker needs to build the same detector: weights (a CPU WorldModel) and encoded classes."""
-
-    model: Any
-    spec: ClassSpec
-    embeddings: Any  # torch.Tensor, one row per spec column
-    imgsz: int
+__all__ = ["Annotator", "WorkerSpec"]
 
 
 @dataclass
 class WorkerSpec:
-    """Constructor arguments of an Annotator; `payload` is [ObjectRef of a DetectorPayload], put once."""
+    """Constructor arguments of an Annotator. `payload` is [ObjectRef of an ovdet.detector.DetectorPayload], put
+    once; `config` says how the worker runs it (RayEngine.worker_config: device, backend, precision, threads)."""
 
     payload: list[Any]
     out: str
@@ -48,13 +40,8 @@ class WorkerSpec:
     source: Source
     detect_kwargs: dict[str, Any] = field(default_factory=dict)
     batch: int = 8
-    device: str = "auto"
-    half: bool | None = None
-    threads: int = 1
+    config: DetectorConfig = field(default_factory=DetectorConfig)
     save_annotated: bool = False
-    backend: str = "auto"
-    precision: str | None = None
-    calib: str | None = None
 
 
 class Annotator:
@@ -64,21 +51,18 @@ class Annotator:
         import ray
         import torch
 
-        from ovdet.detector import OVDetector
+        from ovdet.detector import DetectorPayload, OVDetector
 
         _check_token(Path(spec.out), spec.token)
-        torch.set_num_threads(max(1, spec.threads))
+        torch.set_num_threads(max(1, spec.config.threads or 1))
         payload: DetectorPayload = ray.get(spec.payload[0])
-        self.detector = OVDetector(payload.model, device=spec.device, half=spec.half, imgsz=payload.imgsz,
-                                   backend=spec.backend, precision=spec.precision, calib=spec.calib,
-                                   threads=max(1, spec.threads))
-        self.detector.set_embeddings(payload.spec, payload.embeddings)
+        self.detector = OVDetector.from_payload(payload, spec.config)
         self.names = list(payload.spec.names)
         self.spec = spec
         self.out = Path(spec.out)
         self.reader = SourceReader(spec.source)
         self.preview = PreviewWriter(self.out / "annotated", self.names) if spec.save_annotated else None
-        self.pool = ThreadPoolExecutor(max(2, spec.threads), thread_name_prefix="ovdet-decode")
+        self.pool = ThreadPoolExecutor(max(2, spec.config.threads or 1), thread_name_prefix="ovdet-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         rels, keys = [str(r) for r in batch["image"]], [str(k) for k in batch["key"]]
