@@ -20,10 +20,13 @@ COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "report", "relab
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (None, False) or the help states it."""
+    """Shows each option's default, except where there is none to show (None, False), the help states it, or the
+    option is a flag (store_true / store_false: its help says what giving it does, and "--no-x ... (default: True)"
+    would read as if it were on). 0 and 0.0 are real defaults and are shown."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        flag = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if action.default is None or action.default is False or flag or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
