@@ -10,6 +10,7 @@ import subprocess
 from copy import deepcopy
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from ultralytics.cfg import get_cfg
@@ -105,17 +106,22 @@ def craft(tmp_path: pathlib.Path, kind: str) -> tuple[pathlib.Path, pathlib.Path
     return path, marker
 
 
-def _wait_gone(marker: pathlib.Path) -> bool:
-    """Popen runs `touch` in a child: give it a moment before concluding the marker is absent."""
-    import time
-
-    time.sleep(0.2)
+def _wait_gone(marker: pathlib.Path, before: set[int]) -> bool:
+    """Whether the payload stayed unrun. Popen would run `touch` in a child process, so first every child started since
+    `before` (pids) has exited; then the marker tells (no guessed delay: a child not yet reaped is still listed)."""
+    started = [child for child in psutil.Process().children() if child.pid not in before]
+    psutil.wait_procs(started, timeout=30)
     return not marker.exists()
+
+
+def _children() -> set[int]:
+    return {child.pid for child in psutil.Process().children()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_crafted_checkpoint_is_refused_by_every_load_path(tmp_path, kind, capsys, tiny_text_encoder):
     path, marker = craft(tmp_path, kind)
+    before = _children()
     if kind != "allowed-class":
         with pytest.raises(WeightsUnsafeError) as exc:
             load_checkpoint(path)
@@ -130,7 +136,7 @@ def test_crafted_checkpoint_is_refused_by_every_load_path(tmp_path, kind, capsys
     for name, load in loaders.items():
         with pytest.raises((WeightsUnsafeError, WeightsCorruptError)):
             load()
-        assert _wait_gone(marker), f"{name} ran code from the file"
+        assert _wait_gone(marker, before), f"{name} ran code from the file"
     assert not (weights_dir() / "evil.pt").exists() and not (tmp_path / "converted.safetensors").exists()
     for argv in (["detect", str(tmp_path), "--model", str(path), "--classes", "person", "--device", "cpu"],
                  ["weights", "import", str(path)],
@@ -139,7 +145,7 @@ def test_crafted_checkpoint_is_refused_by_every_load_path(tmp_path, kind, capsys
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("ovdet: error:") and "Traceback" not in err
-        assert _wait_gone(marker), f"ovdet {argv[0]} ran code from the file"
+        assert _wait_gone(marker, before), f"ovdet {argv[0]} ran code from the file"
 
 
 @pytest.mark.parametrize("kind", ["os.system", "callable", "allowed-class"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shlex
 import shutil
 import time
@@ -90,10 +91,10 @@ def test_report_embeds_every_detection_and_links_files_relatively(demo_run):
 
 def test_thumbnails_are_written_once_and_the_run_must_exist(demo_run, tmp_path):
     thumb = next((demo_run / "thumbs").iterdir())
-    before = thumb.stat().st_mtime_ns
-    time.sleep(0.01)
+    os.utime(thumb, ns=(10**9, 10**9))  # a stamp that any rewrite replaces (with the time of writing)
+    inode = thumb.stat().st_ino
     write_report(demo_run, quiet=True)
-    assert thumb.stat().st_mtime_ns == before
+    assert thumb.stat().st_mtime_ns == 10**9 and thumb.stat().st_ino == inode
     with pytest.raises(DatasetError, match="not an ovdet run folder"):
         write_report(tmp_path, quiet=True)
     assert main(["report", str(tmp_path / "nope")]) == 2
@@ -167,9 +168,21 @@ def _open(browser, report: Path) -> None:
     while not browser.execute_script("return !!(window.ovdetReport && window.ovdetReport.ready)"):
         assert time.time() < deadline, "the report never became ready"
         time.sleep(0.05)
-    # let lazy thumbnails load, then check nothing but local files was requested
+    # let lazy thumbnails load (every gallery image in view has finished), then check nothing but local files was
+    # requested
     browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
-    time.sleep(0.3)
+    while not browser.execute_script(_THUMBS_IN_VIEW_LOADED):
+        assert time.time() < deadline, "the thumbnails in view never finished loading"
+        time.sleep(0.05)
+
+
+_THUMBS_IN_VIEW_LOADED = """
+const shown = Array.from(document.querySelectorAll('#gallery img')).filter(img => {
+  const box = img.getBoundingClientRect();
+  return box.bottom > 0 && box.top < window.innerHeight;
+});
+return shown.length > 0 && shown.every(img => img.complete);
+"""
 
 
 def _requests(browser) -> list[str]:
