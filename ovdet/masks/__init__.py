@@ -13,6 +13,10 @@ __all__ = ["MaskPart", "Segmenter", "create_segmenter"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "create_segmenter":
+        from ovdet.masks.table import create_segmenter
+
+        return create_segmenter
     if name in __all__:
         from ovdet.masks import base
 

@@ -2,27 +2,24 @@
 
 Every segmenter returns masks in the image's own pixels, one per box and in the boxes' order. A box with no area
 inside the image (zero or negative width or height, outside the image, not finite) gets an empty mask and an
-OVDetWarning; the others are clipped to the image first. Internally a mask travels as a `MaskPart`, the crop that
+OVDetWarning; the others are clipped to the image first. ovdet.masks.table maps names to segmenters. Internally a mask travels as a `MaskPart`, the crop that
 holds it and where that crop sits, so that a run never needs a dense H×W array per box of a large image
 (ovdet.masks.rle encodes a part straight to the image's RLE).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ovdet.errors import OVDetWarning, UnknownModelError
-from ovdet.masks.names import GRABCUT, SAM_MODELS, SEGMENTERS
+from ovdet.errors import OVDetWarning
 
-__all__ = ["MaskPart", "Segmenter", "create_segmenter", "paste", "pixel_rects"]
+__all__ = ["MaskPart", "Segmenter", "paste", "pixel_rects"]
 
 
 @dataclass(frozen=True)
@@ -108,36 +105,3 @@ class Segmenter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
-
-
-def create_segmenter(masks: str | os.PathLike[str] | Segmenter, device: Any = "auto",
-                     trust_weights: bool = False) -> Segmenter:
-    """The segmenter `masks` names: "grabcut", a SAM model ("mobile_sam", "sam2.1_t", "sam2.1_b", "sam_b", weights
-    from `ovdet weights`), a SAM weights file named like one of them, or a Segmenter (returned as is).
-
-    UnknownModelError for anything else, WeightsNotFoundError when a SAM model's weights are missing offline.
-    """
-    if isinstance(masks, Segmenter):
-        return masks
-    if not isinstance(masks, (str, os.PathLike)):
-        raise UnknownModelError(f"masks={masks!r} is not a segmenter: pass one of {', '.join(SEGMENTERS)} "
-                                "or a SAM weights file.")
-    text = os.fspath(masks).strip()
-    key = text.lower()
-    if key == GRABCUT:
-        from ovdet.masks.grabcut import GrabCutSegmenter
-
-        return GrabCutSegmenter()
-    path = Path(text).expanduser()
-    stem = path.stem.lower() if path.suffix.lower() in (".pt", ".pth") else key
-    if stem in SAM_MODELS:
-        from ovdet.masks.sam import SamSegmenter
-
-        return SamSegmenter.load(stem, path if path.suffix else None, device=device, trust_weights=trust_weights)
-    from ovdet.weights.registry import lookup
-
-    spec = lookup(text)
-    kind = f" is a {spec.kind} model, not a segmenter" if spec is not None and spec.kind != "segmenter" else \
-        " is not a segmenter ovdet knows"
-    raise UnknownModelError(f"'{text}'{kind}. Masks come from one of: {', '.join(SEGMENTERS)} (grabcut needs no "
-                            "weights; a SAM weights file must be named like the model, e.g. sam2.1_t.pt).")

@@ -26,7 +26,7 @@ from ovdet.weights.safepickle import ALLOWED_GLOBALS, Refused, scan_globals, unp
 from ovdet.weights.torchzip import TorchArchive, opened
 
 __all__ = ["ALLOWED_GLOBALS", "TEXT_ENCODER_KEY", "TRUST_HINT", "identify_weights", "load_checkpoint",
-           "pickle_globals", "world_model_of"]
+           "pickle_globals", "sam_state_dict", "world_model_of"]
 
 TEXT_ENCODER_KEY = "ovdet_text_encoder"  # checkpoint key under which ovdet-trained models carry their text tower
 PAIR_FORMAT = "ovdet-yolo-world/1"  # the "format" field of the .json beside a converted .safetensors
@@ -132,7 +132,8 @@ def _pickle_strings(archive: TorchArchive) -> set[str]:
 
 
 def identify_weights(path: str | Path, trust: bool = False) -> str:
-    """'detector' for a YOLO-World checkpoint, 'text' for a CLIP text tower file; raises for anything else.
+    """'detector' for a YOLO-World checkpoint, 'text' for a CLIP text tower file, 'segmenter' for a SAM-family
+    state dict; raises for anything else.
 
     Reads the file as ovdet will (no code from it runs unless `trust`); for OpenAI's TorchScript CLIP file only
     the names inside its pickle are checked, since loading TorchScript runs the program it holds.
@@ -161,8 +162,22 @@ def identify_weights(path: str | Path, trust: bool = False) -> str:
         state = obj.get("state_dict", obj)
         if isinstance(state, dict) and all(any(str(k).endswith(key) for k in state) for key in _CLIP_KEYS):
             return "text"
-    raise WeightsCorruptError(f"{path} is neither a YOLO-World checkpoint nor a CLIP text tower (it holds a "
-                              f"{type(obj).__name__}); ovdet imports only those.")
+        if sam_state_dict(obj) is not None:
+            return "segmenter"
+    raise WeightsCorruptError(f"{path} is neither a YOLO-World checkpoint nor a CLIP text tower nor a SAM segmenter "
+                              f"(it holds a {type(obj).__name__}); ovdet imports only those.")
+
+
+def sam_state_dict(obj: Any) -> dict[str, Any] | None:
+    """The weights of a SAM-family checkpoint (ultralytics' sam_b / mobile_sam / sam2.1_* files: a state dict,
+    maybe under "model"), or None when `obj` is not one."""
+    state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    keys = [str(k) for k in state]
+    encoder = any(k.startswith("image_encoder.") for k in keys)
+    decoder = any(k.startswith(("mask_decoder.", "sam_mask_decoder.")) for k in keys)
+    return state if encoder and decoder else None
 
 
 def _json_safe(value: Any) -> Any:

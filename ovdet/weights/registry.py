@@ -61,6 +61,10 @@ def _registry() -> dict[str, ModelSpec]:
         for size in "smlx"
     ]
     specs.append(ModelSpec("demo", "detector", DEMO_FILE.name))
+    # ultralytics' SAM family for --masks, from the same release; no sha256 is published for them (ultralytics'
+    # docs and downloads.py list none), so a download is checked as a torch archive and on load, not by hash
+    specs += [ModelSpec(name, "segmenter", f"{name}.pt", f"{ULTRALYTICS_ASSETS_URL}/{name}.pt")
+              for name in ("mobile_sam", "sam2.1_t", "sam2.1_b", "sam_b")]
     specs.append(ModelSpec(DEFAULT_TEXT_MODEL, "text", "ViT-B-32.pt", CLIP_VIT_B32_URL, CLIP_VIT_B32_SHA256,
                            CLIP_VIT_B32_HF_ID))
     return {spec.name: spec for spec in specs}
@@ -77,7 +81,7 @@ def weights_dir() -> Path:
 
 
 def known_names(kind: str | None = None) -> list[str]:
-    """Registry names, optionally only those of one kind ("detector" or "text")."""
+    """Registry names, optionally only those of one kind ("detector", "text" or "segmenter")."""
     return [name for name, spec in REGISTRY.items() if kind is None or spec.kind == kind]
 
 
@@ -281,6 +285,26 @@ def resolve_detector(name_or_path: str | Path, download: bool = True) -> Path:
     return _download(spec, dirs, what)
 
 
+def resolve_segmenter(name: str, download: bool = True) -> Path:
+    """Local .pt file of a SAM-family segmenter ("mobile_sam", "sam2.1_t", ...): a cache hit or a download (only
+    when `download` and not offline); searched where detector files are."""
+    spec = lookup(name)
+    if spec is None or spec.kind != "segmenter":
+        raise UnknownModelError(f"'{name}' is not a segmenter; known ones: {', '.join(known_names('segmenter'))}.")
+    dirs = _detector_dirs()
+    found = _find_file(spec.filename, dirs)
+    if found is not None:
+        return check_checkpoint(found)
+    what = "Segmenter weights file"
+    if is_offline():
+        raise _not_found(what, spec.filename, dirs, "offline: OVDET_OFFLINE/HF_HUB_OFFLINE is set, so nothing was "
+                         "downloaded", spec.url)
+    if not download:
+        raise _not_found(what, spec.filename, dirs, "download not requested; "
+                         f"`ovdet weights path {spec.name} --download` fetches it", spec.url)
+    return _download(spec, dirs, what)
+
+
 def _find_local_text() -> Path | None:
     spec = REGISTRY[DEFAULT_TEXT_MODEL]
     found = _find_file(spec.filename, _text_dirs())
@@ -343,7 +367,7 @@ def import_weights(path: str | Path, name: str | None = None, trust_weights: boo
     """Validate a weights file and copy it into weights_dir() (atomically) so it resolves by name.
 
     The file is read as ovdet will read it (no code from it runs unless `trust_weights`) and must be a YOLO-World
-    checkpoint or a CLIP text tower; anything else is refused before it is copied.
+    checkpoint, a CLIP text tower or a SAM-family segmenter; anything else is refused before it is copied.
     """
     from ovdet.weights.checkpoint import identify_weights
 
@@ -366,7 +390,8 @@ def import_weights(path: str | Path, name: str | None = None, trust_weights: boo
         )
     kind = identify_weights(src, trust=trust_weights)  # before copying: a file that would run code stays out
     if spec is not None and spec.kind != kind:
-        raise ModelError(f"{src} is a {'CLIP text tower' if kind == 'text' else 'detector'}, but {spec.name} names "
+        words = {"text": "CLIP text tower", "segmenter": "SAM segmenter"}.get(kind, "detector")
+        raise ModelError(f"{src} is a {words}, but {spec.name} names "
                          f"a {spec.kind}: import it under another --name.")
     dest = weights_dir() / filename
     dest.parent.mkdir(parents=True, exist_ok=True)
