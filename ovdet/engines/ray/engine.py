@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ovdet import errors
 from ovdet.config import DetectorConfig
@@ -38,6 +38,9 @@ from ovdet.util.progress import progress
 from ovdet.runs.journal import ImageRecord
 from ovdet.runs.writer import RunWriter
 from ovdet.util.safeio import atomic_write, remove_stale_temp_files
+
+if TYPE_CHECKING:
+    from ovdet.detector import DetectorPayload
 
 __all__ = ["RayEngine"]
 
@@ -138,7 +141,7 @@ def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
     return True
 
 
-def _payload(detector: Detector) -> Any:
+def _payload(detector: Detector) -> DetectorPayload:
     """The detector's weights and class embeddings, to ship to every worker once (OVDetector.worker_payload)."""
     from ovdet.detector import OVDetector
 
