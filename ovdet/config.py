@@ -62,8 +62,9 @@ class DetectorConfig:
     $OVDET_BACKEND overrides auto), "torch", "openvino", "onnxruntime" or "tensorrt"."""
 
     precision: str | None = None
-    """"fp32", "bf16" (OpenVINO, CPUs with bf16), "fp16" (GPU) or "int8" (OpenVINO, calibrated on `calib`); None:
-    fp16 with torch / TensorRT on CUDA, else fp32."""
+    """"fp32" (exact), "bf16" (OpenVINO, CPUs with bf16), "fp16" (GPU) or "int8" (OpenVINO, calibrated on `calib`);
+    None or "auto": what the backend picks here, bf16 with OpenVINO on CPUs with native bf16, fp16 with torch /
+    TensorRT on CUDA, else fp32 (`det.precision` says which)."""
 
     calib: str | os.PathLike[str] | None = None
     """Folder of images to calibrate int8 on, like the ones you will detect in; None: the samples shipped with ovdet,
@@ -71,6 +72,11 @@ class DetectorConfig:
 
     threads: int | None = None
     """CPU threads of the backend; None: torch's thread count."""
+
+    masks: str | os.PathLike[str] | Any = None
+    """Instance masks for every box: "grabcut" (OpenCV, no weights), "mobile_sam", "sam2.1_t", "sam2.1_b" or
+    "sam_b" (ultralytics' SAM family; weights from `ovdet weights`), a SAM weights file named like one of those, or
+    an ovdet.masks.Segmenter; None: boxes only. The masks land in `sv.Detections.mask` (bool, image pixels)."""
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 # (ovdet.backends.table, which imports torch), repeated here for the parser: tests/test_backend_table.py checks them
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime", "tensorrt")
 BACKEND_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISION_AUTO = "auto"  # the default: what the backend picks on this machine (bf16 for OpenVINO on CPUs with bf16)
+PRECISION_CHOICES = (PRECISION_AUTO, *BACKEND_PRECISIONS)  # what --precision accepts
 BACKEND_ENV = "OVDET_BACKEND"  # what backend="auto" means when set (e.g. torch)
 
 # ovdet.datasets.writers: the dataset formats a run writes

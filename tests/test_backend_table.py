@@ -28,9 +28,19 @@ def test_every_row_names_a_backend_class_that_is_that_row(name):
     assert set(spec.devices) <= {"cpu", "cuda", "mps"} and spec.precisions
 
 
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    """OpenVINO's CPU probe says: no native bf16 (what precision auto reads), whatever this CPU has."""
+    from ovdet.backends import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "cpu_capabilities", lambda: ["FP32", "INT8", "BIN"])
+
+
 @pytest.mark.parametrize("name", list(TABLE))
-def test_resolve_accepts_exactly_the_precisions_a_row_declares(name):
+def test_resolve_accepts_exactly_the_precisions_a_row_declares(name, cpu_without_bf16):
     spec = TABLE[name]
+    assert resolve(name, "cpu", precision="auto") == resolve(name, "cpu", precision=None)
+    assert resolve(name, "cpu").precision in spec.precisions
     for precision in options.BACKEND_PRECISIONS:
         if precision in spec.precisions:
             assert resolve(name, "cpu", precision=precision).precision == precision
@@ -45,6 +55,7 @@ def test_the_cli_names_and_export_formats_agree_with_the_table():
     from ovdet.jobs import export
 
     assert options.BACKENDS == BACKENDS == ("auto", *TABLE)
+    assert options.PRECISION_CHOICES == ("auto", *options.BACKEND_PRECISIONS)
     assert sorted(options.BACKEND_PRECISIONS) == sorted({p for spec in TABLE.values() for p in spec.precisions})
     assert list(options.EXPORT_FORMATS.items()) == [(name, fmt.suffix) for name, fmt in EXPORTS.items()]
     assert options.EXPORT_PRECISIONS == EXPORT_PRECISIONS == export.PRECISIONS
@@ -61,7 +72,8 @@ def test_the_cli_names_and_export_formats_agree_with_the_table():
     ("mps", {"torch": ("mps", "fp32"), "openvino": ("cpu", "fp32"), "onnxruntime": ("cpu", "fp32"),
              "tensorrt": ("mps", "fp32")}),
 ])
-def test_device_auto_runs_a_backend_on_the_cpu_when_its_row_lacks_the_device(monkeypatch, auto_device, expected):
+def test_device_auto_runs_a_backend_on_the_cpu_when_its_row_lacks_the_device(monkeypatch, auto_device, expected,
+                                                                            cpu_without_bf16):
     """device='auto' picked a GPU: a backend whose row does not list it (and lists the CPU) runs on the CPU."""
     import ovdet.util.device
 
@@ -72,8 +84,37 @@ def test_device_auto_runs_a_backend_on_the_cpu_when_its_row_lacks_the_device(mon
         assert resolve(name, auto_device).device.type == auto_device  # an explicit device is kept
 
 
+@pytest.mark.parametrize("caps, precision, why", [
+    (["FP32", "BF16", "FP16", "INT8"], "bf16", "precision auto: the CPU has native bf16"),
+    (["FP32", "INT8", "BIN", "EXPORT_IMPORT"], "fp32", "precision auto: no native bf16 on this CPU"),
+])
+def test_precision_auto_on_openvino_is_bf16_exactly_when_the_cpu_has_it(monkeypatch, caps, precision, why):
+    from ovdet.backends import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "cpu_capabilities", lambda: caps)
+    for asked in (None, "auto"):
+        choice = resolve("openvino", "cpu", precision=asked)
+        assert (choice.precision, choice.precision_reason) == (precision, why)
+    monkeypatch.delenv(options.BACKEND_ENV)
+    assert resolve("auto", "cpu").precision == precision  # backend auto on a CPU is OpenVINO: the same choice
+    forced = resolve("openvino", "cpu", precision="fp32")  # asked for: exact fp32 whatever the CPU has
+    assert (forced.precision, forced.precision_reason) == ("fp32", "")
+    # the other backends' defaults do not depend on bf16
+    assert [resolve(name, "cpu").precision for name in ("torch", "onnxruntime")] == ["fp32", "fp32"]
+
+
+def test_the_cli_accepts_precision_auto_and_keeps_none_as_the_default():
+    from ovdet.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["detect", "x.jpg", "--classes", "a"]).precision is None
+    assert parser.parse_args(["detect", "x.jpg", "--classes", "a", "--precision", "auto"]).precision == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["detect", "x.jpg", "--classes", "a", "--precision", "fp8"])
+
+
 @pytest.mark.parametrize("name", ["torch", "openvino", "onnxruntime"])
-def test_create_backend_builds_the_row_class_and_describes_it(name):
+def test_create_backend_builds_the_row_class_and_describes_it(name, cpu_without_bf16):
     model = random_world_model(seed=1).fuse(verbose=False).eval()
     threads = torch.get_num_threads()
     try:

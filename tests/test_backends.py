@@ -49,9 +49,10 @@ def export_calls(module_home):
 
 @pytest.fixture(scope="module", params=["yolov8n-worldv2.yaml", "yolov8n-world.yaml"], ids=["v2", "v1"])
 def trio(request, module_home, export_calls):
-    """torch, openvino and onnxruntime WorldDetectors on the same random weights."""
+    """torch, openvino and onnxruntime WorldDetectors on the same random weights, all fp32 (OpenVINO's precision auto
+    would be bf16 on CPUs with native bf16)."""
     return {name: WorldDetector(random_world_model(request.param, seed=5), request.param, device="cpu",
-                                backend=name) for name in ("torch", *EXPORTED)}
+                                backend=name, precision="fp32") for name in ("torch", *EXPORTED)}
 
 
 def _assert_head_close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -98,7 +99,7 @@ def test_shared_scoring_rules_work_on_every_backend(trio):
 def demo_trio(module_home):
     if not DEMO_FILE.is_file():
         pytest.skip("the demo model is absent")
-    return {name: OVDetector("demo", device="cpu", backend=name) for name in ("torch", *EXPORTED)}
+    return {name: OVDetector("demo", device="cpu", backend=name, precision="fp32") for name in ("torch", *EXPORTED)}
 
 
 def _samples():
@@ -166,14 +167,21 @@ def test_warm_set_classes_is_instant_on_every_backend(demo_trio, capsys):
 
 
 def test_auto_picks_openvino_on_cpu_and_says_so(tiny_world_checkpoint, tiny_text_encoder, monkeypatch):
+    from ovdet.backends import openvino_backend
+
     monkeypatch.delenv("OVDET_BACKEND")
+    monkeypatch.setattr(openvino_backend, "cpu_capabilities", lambda: ["FP32", "INT8"])
     det = OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu", imgsz=160)
     assert (det.backend, det.precision) == ("openvino", "fp32")
-    assert "openvino fp32" in det.world.describe() and "auto" in det.world.describe()
+    assert "openvino fp32" in det.world.describe() and "auto: OpenVINO on a CPU" in det.world.describe()
+    monkeypatch.setattr(openvino_backend, "cpu_capabilities", lambda: ["FP32", "BF16", "INT8"])
+    det = OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu", imgsz=160)
+    assert (det.backend, det.precision) == ("openvino", "bf16")
+    assert "openvino bf16" in det.world.describe() and "precision auto: the CPU has native bf16" in \
+        det.world.describe()
     monkeypatch.setenv("OVDET_BACKEND", "onnxruntime")
     assert OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu").backend == "onnxruntime"
     monkeypatch.delenv("OVDET_BACKEND")
-    from ovdet.backends import openvino_backend
 
     monkeypatch.setattr(openvino_backend, "available", lambda: False)
     det = OVDetector(tiny_world_checkpoint, text_model=tiny_text_encoder, device="cpu")
@@ -223,7 +231,8 @@ def test_second_start_loads_the_cache_and_a_corrupt_entry_is_rebuilt(tiny_world_
     assert second.world.backend.build_info.cached is True and second.world.backend.exports == 0
     _assert_same_detections(dets, again) if len(dets) else None
     entry = second.world.backend.build_info.path
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "model.bin", "model.xml"]  # no pickle
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "model.bin", "model.xml", "openvino_blobs"]
+    assert {p.suffix for p in (entry / "openvino_blobs").iterdir()} == {".blob"}  # OpenVINO's compiled blobs, no pickle
     (entry / "model.bin").write_bytes((entry / "model.bin").read_bytes()[:1000])  # truncated weights
     with pytest.warns(CompiledCacheWarning, match="unusable.*rebuilding"):
         third, _ = start()
@@ -237,12 +246,15 @@ def test_second_start_loads_the_cache_and_a_corrupt_entry_is_rebuilt(tiny_world_
 
 
 def test_cli_detect_on_openvino_says_which_backend_runs(demo_trio, module_home, monkeypatch, capsys):
+    from ovdet.backends import resolve
+
     monkeypatch.setenv("OVDET_HOME", str(module_home))  # where demo_trio left the demo's compiled model
     files = _samples()[:2]
     assert main(["detect", *files, "--model", "demo", "--classes", "red circle,blue square", "--backend", "openvino",
                  "--json"]) == 0
     captured = capsys.readouterr()
-    assert "openvino fp32" in captured.err
+    auto = resolve("openvino", "cpu")  # no --precision: the one OpenVINO picks on this CPU, and the line says why
+    assert f"openvino {auto.precision}, " in captured.err and auto.precision_reason in captured.err
     assert [json.loads(line)["image"] for line in captured.out.splitlines()] == files
 
 

@@ -23,8 +23,9 @@ from ovdet.backends.table import TABLE, BackendSpec
 from ovdet.errors import ModelError
 from ovdet.options import BACKEND_ENV  # defined there so that the CLI parser needs no torch
 from ovdet.options import BACKEND_PRECISIONS as PRECISIONS  # every precision of TABLE, in the order options list it
+from ovdet.options import PRECISION_AUTO  # precision="auto" (or None): the backend's own choice
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "PRECISIONS", "IMAGES", "OUTPUT", "TABLE", "TEXT", "Backend", "BackendChoice",
+__all__ = ["BACKENDS", "BACKEND_ENV", "PRECISIONS", "PRECISION_AUTO", "IMAGES", "OUTPUT", "TABLE", "TEXT", "Backend", "BackendChoice",
            "BackendSpec", "BuildInfo", "Calibration", "CompiledCache", "ExportedBackend", "LiveWorldGraph",
            "compiled_dir", "create_backend", "export_onnx", "resolve"]
 
@@ -33,12 +34,14 @@ BACKENDS = ("auto", *TABLE)  # what backend= accepts (ovdet.options.BACKENDS, fo
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """What runs: backend name, device, precision, and why (`auto` tells how it chose)."""
+    """What runs: backend name, device, precision, and why (`reason`: how backend `auto` chose;
+    `precision_reason`: how the precision was chosen when none was asked for)."""
 
     name: str
     device: torch.device
     precision: str
     reason: str = ""
+    precision_reason: str = ""
 
     @property
     def spec(self) -> BackendSpec:
@@ -51,8 +54,9 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
     """Pick the backend, device and precision that will run, or raise a ModelError that says what to change.
 
     `auto` (or None) is $OVDET_BACKEND when set, else OpenVINO on a CPU when it is installed, TensorRT on CUDA when
-    installed, else torch. Precision defaults to fp16 for torch / TensorRT on CUDA (half=False: fp32), fp32
-    elsewhere; `half=True` means precision fp16. A precision the backend's table row does not list is refused."""
+    installed, else torch. Precision `auto` (or None) is the backend's `auto_precision`: bf16 for OpenVINO on a CPU
+    with native bf16, fp16 for torch / TensorRT on CUDA (half=False: fp32), fp32 elsewhere; `half=True` means
+    precision fp16. A precision the backend's table row does not list is refused."""
     from ovdet.util.device import select_device
 
     name = (backend or "auto").strip().lower()
@@ -61,8 +65,10 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
         name, reason = os.environ[BACKEND_ENV].strip().lower(), f"${BACKEND_ENV}"
     if name not in BACKENDS:
         raise ModelError(f"Unknown backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    if precision == PRECISION_AUTO:
+        precision = None
     if precision is not None and precision not in PRECISIONS:
-        raise ModelError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+        raise ModelError(f"Unknown precision {precision!r}: use one of {', '.join((PRECISION_AUTO, *PRECISIONS))}.")
     if half is not None and precision is not None and bool(half) != (precision == "fp16"):
         raise ModelError(f"half={half} contradicts precision={precision!r}: give only one of them.")
     if half and precision is None:
@@ -80,10 +86,12 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
             name = "torch"
             reason = ("auto: openvino is not installed" if dev.type == "cpu" else
                       "auto: tensorrt is not available" if dev.type == "cuda" else f"auto: {dev.type}")
+    cls = TABLE[name].load()
+    precision_reason = ""
     if precision is None:
-        precision = "fp16" if "fp16" in TABLE[name].precisions and dev.type == "cuda" and half is not False else "fp32"
-    TABLE[name].load().check_precision(precision)
-    return BackendChoice(name, dev, precision, reason)
+        precision, precision_reason = cls.auto_precision(dev, half)
+    cls.check_precision(precision)
+    return BackendChoice(name, dev, precision, reason, precision_reason)
 
 
 def create_backend(choice: BackendChoice, model: Any, model_id: Callable[[], str], threads: int | None = None,

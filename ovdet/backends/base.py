@@ -63,6 +63,14 @@ class Backend(ABC):
                 "those, or --backend openvino for bf16 / int8 on a CPU, tensorrt or torch for fp16 on a GPU.")
 
     @classmethod
+    def auto_precision(cls, device: torch.device, half: bool | None = None) -> tuple[str, str]:
+        """The precision it runs when none is asked for, and why in a few words (the backend line shows them):
+        fp16 where the row lists it and the device is CUDA (unless `half` is False), else fp32."""
+        if "fp16" in cls.spec.precisions and device.type == "cuda" and half is not False:
+            return "fp16", "fp16 on CUDA"
+        return "fp32", ""
+
+    @classmethod
     def check_precision(cls, precision: str) -> None:
         """A ModelError that says what to use when `precision` is not one this backend runs."""
         if precision not in cls.spec.precisions:

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ovdet.config import DetectorConfig
-from ovdet.options import BACKEND_ENV, BACKEND_PRECISIONS, BACKENDS
+from ovdet.options import BACKEND_ENV, BACKENDS, PRECISION_CHOICES
 
 if TYPE_CHECKING:  # the detector (torch, ultralytics, transformers) is imported when a command runs, not for --help
     from ovdet.detector import OVDetector
@@ -33,9 +33,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="what runs the model: auto (OpenVINO on a CPU, TensorRT on CUDA, when installed; else "
                             f"torch; ${BACKEND_ENV} overrides auto), torch, openvino, onnxruntime, tensorrt. The "
                             "vocabulary stays live on every backend; see README, Backends")
-    group.add_argument("--precision", choices=BACKEND_PRECISIONS, default=_DEFAULTS.precision,
-                       help="fp32; bf16 (openvino, CPUs with bf16); fp16 (GPU); int8 (openvino, calibrated on --calib "
-                            "images) (default: fp16 with torch / tensorrt on CUDA, else fp32)")
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default=_DEFAULTS.precision,
+                       help="auto (the default: bf16 with openvino on CPUs with native bf16, fp16 with torch / "
+                            "tensorrt on CUDA, else fp32); fp32 (exact); bf16 (openvino, CPUs with bf16); fp16 (GPU); "
+                            "int8 (openvino, calibrated on --calib images)")
     group.add_argument("--calib", default=_DEFAULTS.calib, metavar="DIR",
                        help="folder of images to calibrate int8 on, like the ones you will detect in (default: the "
                             "samples shipped with ovdet, else ultralytics' sample photos)")

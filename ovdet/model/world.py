@@ -124,6 +124,7 @@ class WorldDetector:
         self._num_classes = 0
         self._reduce = "max"
         self.backend_reason = choice.reason
+        self.precision_reason = choice.precision_reason
 
         def calibration():
             from ovdet.backends.calib import make_calibration
@@ -133,8 +134,10 @@ class WorldDetector:
         self.backend = create_backend(choice, model, lambda: self.model_id, threads=threads, calibration=calibration)
 
     def describe(self) -> str:
-        """Which backend runs, in words: e.g. "openvino fp32, 2 threads, cpu (auto: OpenVINO on a CPU)"."""
-        why = f" ({self.backend_reason})" if self.backend_reason else ""
+        """Which backend runs, in words: e.g. "openvino fp32, 2 threads, cpu (auto: OpenVINO on a CPU; precision auto:
+        no native bf16 on this CPU)"."""
+        reasons = "; ".join(r for r in (self.backend_reason, self.precision_reason) if r)
+        why = f" ({reasons})" if reasons else ""
         return f"{self.backend.describe()}, {self.device}{why}"
 
     @classmethod
