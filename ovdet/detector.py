@@ -19,6 +19,11 @@ from ovdet.text.prompts import ClassSpec, parse_classes
 from ovdet.media.sources import load_image
 from ovdet.text.tower import TextEncoder
 from ovdet.tiling import TileSpec, detect_tiled, tile_source, tile_spec
+from ovdet.masks.base import MaskPart, Segmenter, paste
+from ovdet.masks.regions import segment_windows
+from ovdet.masks.rle import DATA_KEY as MASK_RLE_KEY
+from ovdet.masks.rle import encode_part
+from ovdet.masks.table import create_segmenter
 from ovdet.util.hashing import state_digest
 from ovdet.model.world import WorldDetector
 
@@ -61,7 +66,7 @@ class OVDetector:
 
     `OVDetector("yolov8s-worldv2", device="cpu", conf=0.3)`: the keyword arguments are the fields of
     `ovdet.config.DetectorConfig` (model, text_model, device, half, imgsz, conf, iou, max_det, trust_weights, backend,
-    precision, calib, threads), which documents each one and its default. `OVDetector(config=cfg)` (or
+    precision, calib, threads, masks), which documents each one and its default. `OVDetector(config=cfg)` (or
     `OVDetector.from_config(cfg)`) builds one from a config; keyword arguments given beside it override its fields.
     """
 
@@ -80,6 +85,7 @@ class OVDetector:
         self._text = LazyTextEncoder(cfg.text_model, device=self.device, embedded_state=self.world.text_encoder_state)
         self._spec: ClassSpec | None = None
         self._embeddings_source: str | None = None
+        self._segmenters: dict[str, Segmenter] = {}  # by name: a SAM model is loaded once
 
     @classmethod
     def from_config(cls, config: DetectorConfig) -> OVDetector:
@@ -185,28 +191,49 @@ class OVDetector:
 
     def detect(self, image: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
                imgsz: int | None = None, tile: int | TileSpec | None = None, overlap: float = 0.2,
-               full_image: bool = True, merge: str = "nms") -> sv.Detections:
+               full_image: bool = True, merge: str = "nms", masks: Any = None) -> sv.Detections:
         """Detect the current classes in one image (path, BGR ndarray or PIL image). With `tile` (see detect_batch)
-        the image is sliced into tiles."""
+        the image is sliced into tiles; with `masks` (see detect_batch) every box gets an instance mask."""
         return self.detect_batch([image], conf=conf, iou=iou, max_det=max_det, imgsz=imgsz, tile=tile,
-                                 overlap=overlap, full_image=full_image, merge=merge)[0]
+                                 overlap=overlap, full_image=full_image, merge=merge, masks=masks)[0]
 
     def detect_batch(self, images: Iterable[Any], conf: float | None = None, iou: float | None = None,
                      max_det: int | None = None, imgsz: int | None = None, tile: int | TileSpec | None = None,
-                     overlap: float = 0.2, full_image: bool = True, merge: str = "nms") -> list[sv.Detections]:
+                     overlap: float = 0.2, full_image: bool = True, merge: str = "nms", masks: Any = None,
+                     mask_rle: bool = False) -> list[sv.Detections]:
         """Detect in several images with one forward pass; one `sv.Detections` per image, in order.
 
         `tile=640` slices each image into 640 px tiles overlapping by `overlap`, detects in batches of tiles (at
         `imgsz`), adds a pass over the whole image unless `full_image=False`, and merges the boxes ("nms" or
         "nmm"); a `ovdet.tiling.TileSpec` sets every tiling option. For small objects in large images.
+
+        `masks` names a segmenter ("grabcut", "mobile_sam", "sam2.1_t", "sam2.1_b", "sam_b", see
+        DetectorConfig.masks; None: the detector's own, False: none) that gives every box a bool mask in
+        `Detections.mask` (N×H×W, image pixels; with tiling, computed in tile-sized windows around the boxes).
+        `mask_rle=True` puts them in `Detections.data["mask_rle"]` as COCO RLEs instead, never dense: what a long job
+        keeps in memory.
         """
         if self._spec is None:
             raise ModelError("No classes set: call set_classes(['person', ...]) before detecting.")
+        segmenter = self._segmenter(masks)
         spec = tile_spec(tile, overlap=overlap, full_image=full_image, merge=merge)
         if spec is not None:
-            return detect_tiled(lambda ims: self.detect_batch(ims, conf=conf, iou=iou, max_det=max_det, imgsz=imgsz),
-                                (tile_source(im, overview_size=imgsz or self.imgsz) for im in images), spec,
-                                max_det=max_det or self.max_det)
+            def boxes(ims: list[np.ndarray]) -> list[sv.Detections]:
+                return self.detect_batch(ims, conf=conf, iou=iou, max_det=max_det, imgsz=imgsz, masks=False)
+
+            overview = imgsz or self.imgsz
+            if segmenter is None:
+                return detect_tiled(boxes, (tile_source(im, overview_size=overview) for im in images), spec,
+                                    max_det=max_det or self.max_det)
+            out = []
+            for im in images:  # one image at a time: its masks come from its pixels, read again window by window
+                source = tile_source(im, overview_size=overview)
+                dets = detect_tiled(boxes, [source], spec, max_det=max_det or self.max_det)[0]
+                if not hasattr(source, "image"):  # a strip reader, read to the end: open it again
+                    source = tile_source(im, overview_size=overview)
+                parts = segment_windows(segmenter, source, dets.xyxy, spec.size)
+                out.append(_with_masks(dets, parts, source.height, source.width, mask_rle))
+            return out
         arrays = [load_image(im) for im in images]
         if not arrays:
             return []
@@ -215,7 +242,24 @@ class OVDetector:
         class_conf = [conf if t is None else t for t in own] if any(t is not None for t in own) else None
         raw = self.world(arrays, imgsz=imgsz or self.imgsz, conf=conf, iou=self.iou if iou is None else iou,
                          max_det=max_det or self.max_det, class_conf=class_conf)
-        return [self._to_detections(r) for r in raw]
+        results = [self._to_detections(r) for r in raw]
+        if segmenter is not None:
+            results = [_with_masks(d, segmenter.segment_parts(a, d.xyxy), *a.shape[:2], mask_rle)
+                       for d, a in zip(results, arrays)]
+        return results
+
+    def _segmenter(self, masks: Any) -> Segmenter | None:
+        """The segmenter `masks` asks for (None: the config's; False: none), made once per name."""
+        masks = self._config.masks if masks is None else masks
+        if masks is None or masks is False:
+            return None
+        if isinstance(masks, Segmenter):
+            return masks
+        key = str(masks)
+        if key not in self._segmenters:
+            self._segmenters[key] = create_segmenter(masks, device=self.device,
+                                                     trust_weights=self._config.trust_weights)
+        return self._segmenters[key]
 
     def stream(self, source: Any, track: bool = False, **kwargs: Any) -> Iterator[tuple[np.ndarray, sv.Detections]]:
         """Yield (frame, detections) for a video file, camera index, URL or iterable of frames."""
@@ -233,3 +277,16 @@ class OVDetector:
             data={"class_name": np.array(self.classes, dtype=object)[class_id].astype(str)
                   if len(class_id) else np.array([], dtype=str)},
         )
+
+
+def _with_masks(dets: sv.Detections, parts: Sequence[MaskPart], height: int, width: int,
+                rle: bool) -> sv.Detections:
+    """`dets` with one mask per box: dense bool in `.mask`, or (rle) COCO RLEs in `.data["mask_rle"]`."""
+    if rle:
+        encoded = np.empty(len(parts), dtype=object)
+        for i, part in enumerate(parts):
+            encoded[i] = encode_part(part, height, width)
+        dets.data[MASK_RLE_KEY] = encoded
+    else:
+        dets.mask = paste(parts, height, width)
+    return dets

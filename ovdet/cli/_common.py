@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ovdet.config import DetectorConfig
+from ovdet.masks.names import SEGMENTERS
 from ovdet.options import BACKEND_ENV, BACKENDS, PRECISION_CHOICES
 
 if TYPE_CHECKING:  # the detector (torch, ultralytics, transformers) is imported when a command runs, not for --help
@@ -18,7 +19,8 @@ _DEFAULTS = DetectorConfig()
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --text-model, --device, --half, --backend, --precision, --calib, --threads, --imgsz, --conf, --iou,
-    --max-det, --trust-weights: one per DetectorConfig field, with its default (read back by detector_config)."""
+    --max-det, --masks, --trust-weights: one per DetectorConfig field, with its default (read back by
+    detector_config)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=_DEFAULTS.model,
                        help="detector: a name from `ovdet weights list`, a .pt file, or an ultralytics yaml config")
@@ -48,6 +50,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--conf", type=float, default=_DEFAULTS.conf, help="minimum confidence of a detection")
     group.add_argument("--iou", type=float, default=_DEFAULTS.iou, help="IoU threshold of non-maximum suppression")
     group.add_argument("--max-det", type=int, default=_DEFAULTS.max_det, help="most detections kept per image")
+    group.add_argument("--masks", default=_DEFAULTS.masks, metavar="NAME",
+                       help=f"an instance mask for every box, from a segmenter: {', '.join(SEGMENTERS)} (grabcut "
+                            "needs no weights; the SAM models' come from `ovdet weights`), or a SAM weights file "
+                            "named like one (default: boxes only); see README, Masks")
     add_trust_option(group)
 
 

@@ -22,9 +22,11 @@ from pycocotools import mask as coco_mask
 
 from ovdet.masks.base import MaskPart
 
-__all__ = ["area", "decode", "encode", "encode_part", "mask_polygon", "polygon_mask", "rle_problem", "to_bbox"]
+__all__ = ["DATA_KEY", "area", "decode", "encode", "encode_part", "mask_polygon", "polygon_mask", "rle_problem",
+           "to_bbox"]
 
 Rle = dict[str, Any]
+DATA_KEY = "mask_rle"  # sv.Detections.data key of the masks as RLEs (OVDetector.detect_batch(mask_rle=True))
 
 
 def encode(mask: np.ndarray) -> Rle:

@@ -1,4 +1,4 @@
-"""Drawing detections on images with supervision's annotators."""
+"""Drawing detections on images with supervision's annotators (masks, when the detections have them, under the boxes)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import supervision as sv
 
 _BOXES = sv.BoxAnnotator(thickness=2)
+_MASKS = sv.MaskAnnotator(opacity=0.45)
 # smart_position keeps every label inside the image (a box at the top edge would push its label above it) and
 # spreads out labels that would overlap, so each stays readable.
 _LABELS = sv.LabelAnnotator(text_scale=0.5, text_padding=3, smart_position=True)
@@ -20,6 +21,9 @@ def labels(detections: sv.Detections) -> list[str]:
 
 
 def draw(image: np.ndarray, detections: sv.Detections) -> np.ndarray:
-    """A copy of a BGR image with boxes and "class #id score" labels drawn on it."""
-    canvas = _BOXES.annotate(image.copy(), detections)
+    """A copy of a BGR image with boxes, "class #id score" labels and (when present) instance masks drawn on it."""
+    canvas = image.copy()
+    if detections.mask is not None:
+        canvas = _MASKS.annotate(canvas, detections)
+    canvas = _BOXES.annotate(canvas, detections)
     return _LABELS.annotate(canvas, detections, labels=labels(detections))
