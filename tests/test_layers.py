@@ -169,3 +169,11 @@ def test_the_layer_check_sees_function_level_and_type_only_imports(tmp_path):
     path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ovdet.jobs.annotate import x\n"
                     "def f():\n    import ovdet.cli\n    from ovdet.media import sources\n")
     assert _imported("ovdet.util.fake", path) == {"ovdet.jobs.annotate", "ovdet.cli", "ovdet.media.sources"}
+
+
+def test_the_layout_trees_name_every_subpackage():
+    """README's Layout and ARCHITECTURE.md show the package tree; a new subpackage missing from either fails here."""
+    packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    for doc in ("README.md", "ARCHITECTURE.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        assert [p for p in packages if f"── {p}/" not in text] == [], doc
