@@ -1,6 +1,6 @@
 """Names and values that option parsers share with the modules behind them; stdlib only, so `ovdet --help` is fast.
 
-Each value is defined here once: the modules that use it (ovdet.datasets.writers, ovdet.text.prompts, ovdet.jobs.synth,
+Each value is defined here once: the modules that use it (ovdet.datasets.formats, ovdet.text.prompts, ovdet.jobs.synth,
 ovdet.video.live, ovdet.text.cache) import it from here and re-export it under their own names, and the CLI builds its
 options from here without importing torch, OpenCV or transformers. The backend and export names are the exception: their
 source is the backend table (ovdet.backends.table), and a test checks that this copy agrees with it.
@@ -16,7 +16,7 @@ PRECISION_AUTO = "auto"  # the default: what the backend picks on this machine (
 PRECISION_CHOICES = (PRECISION_AUTO, *BACKEND_PRECISIONS)  # what --precision accepts
 BACKEND_ENV = "OVDET_BACKEND"  # what backend="auto" means when set (e.g. torch)
 
-# ovdet.datasets.writers: the dataset formats a run writes
+# ovdet.datasets.formats: the dataset formats a run writes
 DATASET_FORMATS = ("coco", "yolo", "voc", "jsonl")
 
 # ovdet.jobs.export: format -> how ultralytics recognises an exported file by its name (AutoBackend looks at the

@@ -3,7 +3,7 @@
 A box the detector kept at threshold t0 is kept at any t >= t0 exactly when its score is above t: non-maximum
 suppression is per class and only ever lets a higher-scoring box remove a lower one, so filtering the saved boxes
 gives the boxes a fresh run at t would give (one exception: an image whose boxes hit --max-det at t0). Writing goes
-through the same writers as `ovdet annotate` (ovdet.datasets.writers), so the outputs are the ones annotate would write.
+through the same writers as `ovdet annotate` (ovdet.datasets.formats), so the outputs are the ones annotate would write.
 """
 
 from __future__ import annotations
