@@ -3,7 +3,8 @@
 On disk, under OUT/coco/:
 
     annotations.json      every image: info, licenses [], categories (ids 1-based: class_id + 1), images (file_name
-                          is the path relative to the input folder), annotations (xywh bbox, area, score)
+                          is the path relative to the input folder), annotations (xywh bbox, area, score; with
+                          --masks a compressed RLE `segmentation`, as pycocotools writes it, and the mask's area)
     train.json, val.json  with a val split only: the same document for each split's images
 
 Each file is streamed from predictions.jsonl to a temporary file and swapped in (ovdet.util.safeio), at every
@@ -21,6 +22,7 @@ from typing import Any
 from supervision.dataset.formats.coco import classes_to_coco_categories
 
 from ovdet.datasets.splits import ValSplit
+from ovdet.masks.rle import area as mask_area
 from ovdet.runs.journal import checked_image_record, checked_record, read_journal
 from ovdet.util.safeio import atomic_open, ensure_dir, remove_stale_temp_files
 
@@ -80,9 +82,10 @@ class CocoWriter:
                     x1, y1, x2, y2 = d["bbox"]
                     w, h = round(x2 - x1, 2), round(y2 - y1, 2)
                     ann_id += 1
+                    seg = d.get("segmentation")  # an RLE the first pass vetted (ovdet.runs.journal)
                     anns.append({"id": ann_id, "image_id": image_id, "category_id": d["class_id"] + 1,
-                                 "bbox": [x1, y1, w, h], "area": round(w * h, 2), "segmentation": [],
-                                 "iscrowd": 0, "score": d["score"]})
+                                 "bbox": [x1, y1, w, h], "area": round(w * h, 2) if seg is None else mask_area(seg),
+                                 "segmentation": [] if seg is None else seg, "iscrowd": 0, "score": d["score"]})
                 if anns:
                     fh.write(("\n" if anns[0]["id"] == 1 else ",\n") + dump(anns)[1:-1].replace("},{", "},\n{"))
             fh.write("]}\n")

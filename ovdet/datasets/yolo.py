@@ -4,7 +4,10 @@ On disk, under OUT/yolo/:
 
     data.yaml          path (absolute), train, val, nc, names; a comment says how train and val were chosen
     images/KEY.EXT     the original image (a symbolic link, else a hard link, else a copy)
-    labels/KEY.txt     one line per box: "class x_center y_center width height", normalised to 0..1, 5 decimals
+    labels/KEY.txt     one line per box: "class x_center y_center width height", normalised to 0..1, 5 decimals;
+                       with --masks a segment label instead: "class x1 y1 x2 y2 ...", the outline of the box's mask
+                       (pixel centres, 6 decimals; ovdet.masks.rle.mask_polygon), or the box's corners when its mask
+                       is empty. The same data.yaml trains a segment model (yolo11n-seg.pt ...)
     train.txt, val.txt with a val split only: one "./images/KEY.EXT" per line, rebuilt from the journal
 
 KEY is the image's flat output stem (ovdet.datasets.keys). Every file is replaced whole (ovdet.util.safeio) and no
@@ -21,6 +24,7 @@ import numpy as np
 import yaml
 
 from ovdet.datasets.splits import ValSplit
+from ovdet.masks.rle import decode, mask_polygon
 from ovdet.runs.journal import ImageRecord, checked_image_record, read_journal
 from ovdet.util.safeio import atomic_link, atomic_open, atomic_write, ensure_dir, remove_stale_temp_files
 
@@ -73,12 +77,29 @@ class YoloWriter:
                 fh.write(f"./images/{rec['key']}{Path(rec['image']).suffix}\n")
 
     def write(self, rec: ImageRecord) -> None:
+        text = self._box_lines(rec) if rec.masks is None else self._segment_lines(rec)
+        atomic_write(self.labels / f"{rec.key}.txt", text, root=self.base)
+        atomic_link(rec.path, self.images / f"{rec.key}{rec.suffix}", root=self.base)
+
+    @staticmethod
+    def _segment_lines(rec: ImageRecord) -> str:
+        """One polygon line per box, its mask's outline normalised to 0..1 (one mask decoded at a time)."""
+        lines = []
+        for c, box, rle in zip(rec.class_ids.tolist(), rec.boxes.tolist(), rec.masks or []):
+            poly = mask_polygon(decode(rle))
+            if len(poly) < 3:
+                x1, y1, x2, y2 = box
+                poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)
+            norm = poly / (rec.width, rec.height)
+            lines.append(f"{c} " + " ".join(f"{v:.6f}" for v in norm.reshape(-1).tolist()) + "\n")
+        return "".join(lines)
+
+    @staticmethod
+    def _box_lines(rec: ImageRecord) -> str:
         # supervision's detections_to_yolo_annotations writes the same lines, one numpy call per box (~25 us);
         # vectorised here because an image can carry hundreds of boxes.
         wh = np.array([rec.width, rec.height, rec.width, rec.height], np.float64)
         x1, y1, x2, y2 = (rec.boxes / wh).T
         rows = zip(rec.class_ids.tolist(), ((x1 + x2) / 2).tolist(), ((y1 + y2) / 2).tolist(),
                    (x2 - x1).tolist(), (y2 - y1).tolist())
-        text = "".join(f"{c} {xc:.5f} {yc:.5f} {w:.5f} {h:.5f}\n" for c, xc, yc, w, h in rows)
-        atomic_write(self.labels / f"{rec.key}.txt", text, root=self.base)
-        atomic_link(rec.path, self.images / f"{rec.key}{rec.suffix}", root=self.base)
+        return "".join(f"{c} {xc:.5f} {yc:.5f} {w:.5f} {h:.5f}\n" for c, xc, yc, w, h in rows)

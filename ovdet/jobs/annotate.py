@@ -131,6 +131,9 @@ def annotate_folder(
     may then also be a URI such as s3://bucket/prefix. Both engines write the same outputs, and either can resume
     the other's run.
     `tile` (a tile size or an ovdet.tiling.TileSpec) runs sliced inference; its settings are part of the run's.
+    `masks` (a segmenter name, see DetectorConfig.masks) gives every box an instance mask in every output: an RLE
+    in predictions.jsonl and COCO, a polygon in YOLO labels, VOC SegmentationObject PNGs; it is part of the run's
+    settings, and each image's masks are RLEs as soon as they are made.
     Raises DatasetError up front for a missing or empty input folder, or an output folder inside it.
     """
     eng = open_engine(engine)
@@ -183,6 +186,8 @@ def annotate_folder(
             "val_split": split.fraction,
             "split_seed": split.seed,
             "tile": tiling.settings() if tiling is not None else None,
+            "masks": None if cfg.masks is None else os.fspath(cfg.masks) if isinstance(cfg.masks, (str, os.PathLike))
+            else cfg.masks.name,  # a name, a SAM file, or a Segmenter's name
         }
         _prepare_output(out_path, settings, overwrite)
 
@@ -194,6 +199,8 @@ def annotate_folder(
                 detect_kwargs["imgsz"] = cfg.imgsz
             if tiling is not None:
                 detect_kwargs["tile"] = tiling
+            if cfg.masks is not None:
+                detect_kwargs.update(masks=cfg.masks, mask_rle=True)  # RLEs at once: no dense masks per batch
             start = time.perf_counter()
             found, already = eng.run(Work(source, done, detector, cfg, detect_kwargs, batch, quiet, workers), writer)
             writer.finish()

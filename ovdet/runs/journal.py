@@ -21,6 +21,8 @@ import numpy as np
 import supervision as sv
 
 from ovdet.errors import DatasetError
+from ovdet.masks.rle import DATA_KEY as MASK_RLE_KEY
+from ovdet.masks.rle import encode, rle_problem
 from ovdet.util.safeio import not_plain_file, open_no_follow
 
 __all__ = ["ImageRecord", "Journal", "checked_image_record", "checked_record", "read_journal", "repair_journal"]
@@ -32,7 +34,8 @@ class ImageRecord:
 
     `image` is the path relative to the input folder (POSIX separators), `key` the unique flat
     file stem used for per-image outputs, `boxes` xyxy pixel coordinates in the (EXIF-rotated)
-    image, `class_ids`/`scores` one per box.
+    image, `class_ids`/`scores` one per box, `masks` one COCO RLE per box (ovdet.masks.rle) or None when the run
+    makes no masks (the journal's "segmentation").
     """
 
     image: str
@@ -43,17 +46,23 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     class_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    masks: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_detections(cls, image: str, path: str, key: str, shape: Sequence[int],
                         detections: sv.Detections) -> "ImageRecord":
-        """Record for one image; boxes rounded to 0.01 px and scores to 1e-5 so every format agrees."""
+        """Record for one image; boxes rounded to 0.01 px and scores to 1e-5 so every format agrees. Masks (RLEs in
+        data["mask_rle"], else dense ones) become RLEs here."""
         height, width = int(shape[0]), int(shape[1])
         boxes = np.round(np.asarray(detections.xyxy, np.float64), 2).reshape(-1, 4)
         boxes = np.clip(boxes, 0, [width, height, width, height])
         scores = np.round(np.asarray(detections.confidence, np.float64), 5).reshape(-1)
         class_ids = np.asarray(detections.class_id, int).reshape(-1)
-        return cls(image, path, key, width, height, boxes, class_ids, scores)
+        if MASK_RLE_KEY in detections.data:
+            masks = [dict(r) for r in detections.data[MASK_RLE_KEY]]
+        else:
+            masks = None if detections.mask is None else [encode(m) for m in detections.mask]
+        return cls(image, path, key, width, height, boxes, class_ids, scores, masks)
 
     def to_json(self, classes: Sequence[str]) -> dict[str, Any]:
         return {
@@ -64,8 +73,9 @@ class ImageRecord:
             "height": self.height,
             "detections": [
                 {"class_id": int(c), "class_name": classes[int(c)], "score": float(s),
-                 "bbox": [float(v) for v in box]}
-                for box, c, s in zip(self.boxes, self.class_ids, self.scores)
+                 "bbox": [float(v) for v in box], **({} if m is None else {"segmentation": m})}
+                for box, c, s, m in zip(self.boxes, self.class_ids, self.scores,
+                                        self.masks if self.masks is not None else [None] * len(self.boxes))
             ],
         }
 
@@ -79,13 +89,21 @@ class ImageRecord:
             np.array([x["bbox"] for x in dets], np.float64).reshape(-1, 4),
             np.array([x["class_id"] for x in dets], int),
             np.array([x["score"] for x in dets], np.float64),
+            [x["segmentation"] for x in dets] if dets and all("segmentation" in x for x in dets) else None,
         )
 
     def detections(self, classes: Sequence[str]) -> sv.Detections:
-        """These results as supervision Detections (with data["class_name"])."""
+        """These results as supervision Detections (with data["class_name"], and dense masks when it has masks)."""
+        from ovdet.masks.rle import decode
+
         names = np.array([classes[c] for c in self.class_ids], dtype=object).astype(str)
+        masks = None
+        if self.masks is not None:
+            masks = np.stack([decode(m) for m in self.masks]) if self.masks else \
+                np.zeros((0, self.height, self.width), bool)
         return sv.Detections(
             xyxy=self.boxes.astype(np.float32).reshape(-1, 4),
+            mask=masks,
             confidence=self.scores.astype(np.float32),
             class_id=self.class_ids.astype(int),
             data={"class_name": names},
@@ -241,6 +259,10 @@ def _image_record_problem(d: Any, num_classes: int | None) -> str:
             if type(bbox) is not list or len(bbox) != 4 or not (_finite(bbox[0]) and _finite(bbox[1])
                                                                  and _finite(bbox[2]) and _finite(bbox[3])):
                 return f"a {field_name!r} entry has a bbox that is not 4 finite numbers"
+            if "segmentation" in box:
+                problem = rle_problem(box["segmentation"], d["height"], d["width"])
+                if problem:
+                    return f"a {field_name!r} entry's segmentation {problem}"
     return ""
 
 
