@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "image; --min/--max-objects count per canvas. A world for sliced inference (--tile)")
     p.add_argument("--object-size", default=None, metavar="MIN,MAX",
                    help="object side in pixels, e.g. 16,40 (default: 9%%-32%% of --imgsz)")
+    p.add_argument("--masks", action="store_true",
+                   help="write each object's exact instance mask: the labels become YOLO segment lines (polygons), "
+                        "to train a -seg model or measure masks (benchmarks/bench_masks.py)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary line")
     return p
 
@@ -59,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
                      objects=(args.min_objects, args.max_objects),
                      canvas=_pair(args.canvas, "x", "--canvas", "4000x3000"),
                      object_px=_pair(args.object_size, ",", "--object-size", "16,40"))
-    path = generate(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec, progress=not args.quiet)
+    path = generate(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec, progress=not args.quiet,
+                    masks=args.masks)
     if args.quiet:
         return 0
     size = "x".join(map(str, spec.shape))
     print(f"wrote {args.train} train + {args.val} val images ({size}), {len(spec.names)} classes "
-          f"({', '.join(spec.names)}) -> {path}")
+          f"({', '.join(spec.names)}){', with instance masks' if args.masks else ''} -> {path}")
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from ovdet.datasets.splits import ValSplit
-from ovdet.masks.rle import decode, mask_polygon
+from ovdet.masks.rle import decode, mask_polygon, yolo_segment
 from ovdet.runs.journal import ImageRecord, checked_image_record, read_journal
 from ovdet.util.safeio import atomic_link, atomic_open, atomic_write, ensure_dir, remove_stale_temp_files
 
@@ -84,15 +84,8 @@ class YoloWriter:
     @staticmethod
     def _segment_lines(rec: ImageRecord) -> str:
         """One polygon line per box, its mask's outline normalised to 0..1 (one mask decoded at a time)."""
-        lines = []
-        for c, box, rle in zip(rec.class_ids.tolist(), rec.boxes.tolist(), rec.masks or []):
-            poly = mask_polygon(decode(rle))
-            if len(poly) < 3:
-                x1, y1, x2, y2 = box
-                poly = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)
-            norm = poly / (rec.width, rec.height)
-            lines.append(f"{c} " + " ".join(f"{v:.6f}" for v in norm.reshape(-1).tolist()) + "\n")
-        return "".join(lines)
+        return "".join(yolo_segment(c, mask_polygon(decode(rle)), box, rec.width, rec.height)
+                       for c, box, rle in zip(rec.class_ids.tolist(), rec.boxes.tolist(), rec.masks or []))
 
     @staticmethod
     def _box_lines(rec: ImageRecord) -> str:

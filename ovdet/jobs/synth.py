@@ -1,4 +1,8 @@
-"""A generated world: seeded YOLO-format datasets of coloured shapes ("red circle", "blue square") on clutter."""
+"""A generated world: seeded YOLO-format datasets of coloured shapes ("red circle", "blue square") on clutter.
+
+With masks, every object also has its exact instance mask (the shape filled without anti-aliasing, minus what later
+objects cover) and the labels are YOLO segment lines, so mask quality can be measured offline.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import numpy as np
 import yaml
 
 from ovdet.errors import DatasetError
+from ovdet.masks.base import MaskPart
+from ovdet.masks.rle import mask_polygon, yolo_segment
 # the palette, shapes and default vocabulary are defined in ovdet.options, so that the CLI parser needs no OpenCV
 from ovdet.options import SYNTH_DEFAULT_COLOURS as DEFAULT_COLOURS
 from ovdet.options import SYNTH_DEFAULT_SHAPES as DEFAULT_SHAPES
@@ -161,16 +167,39 @@ def background(rng: np.random.Generator, spec: WorldSpec) -> np.ndarray:
     return img
 
 
-def render(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image: BGR uint8 (H×W×3), boxes (N×4 pixel xyxy, float32) and class ids (N, int) into `spec.names`."""
+def instance_masks(shapes: list[tuple], boxes: np.ndarray) -> list[MaskPart]:
+    """The exact mask of each drawn shape (filled without anti-aliasing, within its box), minus the pixels of the
+    shapes drawn after it, as crops (large canvases stay cheap)."""
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    crops = []
+    for shape, (x0, y0, x1, y1) in zip(shapes, boxes):
+        crop = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        if shape[0] == "circle":
+            cv2.circle(crop, (shape[1][0] - x0, shape[1][1] - y0), shape[2], 1, -1)
+        else:
+            cv2.fillPoly(crop, [shape[1] - (x0, y0)], 1)
+        crops.append(crop.astype(bool))
+    for i, (ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            bx0, by0, bx1, by1 = boxes[j]
+            x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+            if x0 < x1 and y0 < y1:
+                crops[i][y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0] &= ~crops[j][y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+    return [MaskPart(int(x0), int(y0), crop) for (x0, y0, _, _), crop in zip(boxes, crops)]
+
+
+def render(rng: np.random.Generator, spec: WorldSpec, masks: bool = False) -> tuple:
+    """One image: BGR uint8 (H×W×3), boxes (N×4 pixel xyxy, float32) and class ids (N, int) into `spec.names`;
+    with `masks`, a fourth item: each object's instance mask (instance_masks). The image is the same either way."""
     if spec.canvas is not None:
-        return render_canvas(rng, spec)
+        return render_canvas(rng, spec, masks)
     s = spec.imgsz
     if spec.object_px is not None:
         spec = dataclasses.replace(spec, size=(spec.object_px[0] / s, spec.object_px[1] / s))
     img = background(rng, spec)
     boxes: list[np.ndarray] = []
     class_ids: list[int] = []
+    shapes: list[tuple] = []
     wanted = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
     for _ in range(wanted * 20):  # rejection sampling for limited overlap; give up on crowded images
         if len(boxes) == wanted:
@@ -185,12 +214,14 @@ def render(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.nd
         _draw_shape(img, shape, colour)
         boxes.append(box)
         class_ids.append(ci * len(spec.shapes) + si)
+        shapes.append(shape)
     noise = rng.normal(0, rng.uniform(3, 12), size=img.shape)
     img = np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
-    return img, np.array(boxes, np.float32).reshape(-1, 4), np.array(class_ids, int)
+    out = img, np.array(boxes, np.float32).reshape(-1, 4), np.array(class_ids, int)
+    return (*out, instance_masks(shapes, np.array(boxes).reshape(-1, 4))) if masks else out
 
 
-def render_canvas(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_canvas(rng: np.random.Generator, spec: WorldSpec, masks: bool = False) -> tuple:
     """A large image (spec.canvas) of small objects: like render, but clutter is local (lines and blobs the size
     they have in an imgsz image, as many per imgsz² of area) and objects are `object_px` pixels across."""
     width, height = spec.canvas
@@ -224,6 +255,7 @@ def render_canvas(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray
     lo, hi = spec.object_px if spec.object_px is not None else (spec.size[0] * s, spec.size[1] * s)
     boxes = np.zeros((0, 4), np.int64)
     class_ids: list[int] = []
+    shapes: list[tuple] = []
     wanted = int(rng.integers(spec.objects[0], spec.objects[1] + 1))
     for _ in range(wanted * 20):
         if len(boxes) == wanted:
@@ -245,12 +277,14 @@ def render_canvas(rng: np.random.Generator, spec: WorldSpec) -> tuple[np.ndarray
         _draw_shape(img, shape, colour)
         boxes = np.concatenate([boxes, box[None]])
         class_ids.append(ci * len(spec.shapes) + si)
+        shapes.append(shape)
     sigma = rng.uniform(3, 12)
     for y in range(0, height, 512):  # noise in bands of rows
         band = img[y:y + 512]
         noise = rng.standard_normal(band.shape, dtype=np.float32) * sigma
         img[y:y + 512] = np.clip(band.astype(np.float32) + noise, 0, 255)
-    return img, boxes.astype(np.float32).reshape(-1, 4), np.array(class_ids, int)
+    out = img, boxes.astype(np.float32).reshape(-1, 4), np.array(class_ids, int)
+    return (*out, instance_masks(shapes, boxes)) if masks else out
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -259,8 +293,10 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
-             spec: WorldSpec | None = None, progress: bool = True) -> Path:
-    """Write a YOLO dataset (images/{train,val}, labels/{train,val}, data.yaml) under `out`; returns data.yaml."""
+             spec: WorldSpec | None = None, progress: bool = True, masks: bool = False) -> Path:
+    """Write a YOLO dataset (images/{train,val}, labels/{train,val}, data.yaml) under `out`; returns data.yaml.
+    With `masks` the labels are segment lines: each object's exact mask outlined (pixel centres, as
+    ovdet.masks.rle.mask_polygon; a one-piece mask redraws exactly), and data.yaml says `masks: true`."""
     spec = spec or WorldSpec()
     out = Path(out)
     if train < 1 or val < 0:
@@ -275,13 +311,18 @@ def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
         with progress_display(total=count, desc=f"synth {split}", unit="img", quiet=not progress) as bar:
             for i in range(count):
-                img, boxes, class_ids = render(image_rng(seed, split, i), spec)
+                img, boxes, class_ids, *parts = render(image_rng(seed, split, i), spec, masks=masks)
                 if not cv2.imwrite(str(out / "images" / split / f"{i:06d}.png"), img):
                     raise DatasetError(f"Could not write images to {out}: check the folder is writable.")
-                xywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
-                lines = [f"{c} " + " ".join(f"{v / d:.6f}" for v, d in zip(b, (width, height, width, height)))
-                         for c, b in zip(class_ids, xywh)]
-                (out / "labels" / split / f"{i:06d}.txt").write_text("".join(line + "\n" for line in lines))
+                if masks:
+                    text = "".join(yolo_segment(c, mask_polygon(p.mask) + (p.x, p.y), b, width, height)
+                                   for c, b, p in zip(class_ids, boxes.tolist(), parts[0]))
+                else:
+                    xywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+                    text = "".join(f"{c} " + " ".join(f"{v / d:.6f}" for v, d in zip(b, (width, height, width,
+                                                                                           height))) + "\n"
+                                   for c, b in zip(class_ids, xywh))
+                (out / "labels" / split / f"{i:06d}.txt").write_text(text)
                 bar.update(1)
     data = {
         "train": "images/train",
@@ -290,7 +331,8 @@ def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
         "synth": {"seed": seed, "train": train, "val": val, "imgsz": spec.imgsz,
                   "colours": list(spec.colours), "shapes": list(spec.shapes),
                   **({"canvas": list(spec.canvas)} if spec.canvas is not None else {}),
-                  **({"object_size": list(spec.object_px)} if spec.object_px is not None else {})},
+                  **({"object_size": list(spec.object_px)} if spec.object_px is not None else {}),
+                  **({"masks": True} if masks else {})},
     }
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -23,7 +23,7 @@ from pycocotools import mask as coco_mask
 from ovdet.masks.base import MaskPart
 
 __all__ = ["DATA_KEY", "area", "decode", "encode", "encode_part", "mask_polygon", "polygon_mask", "rle_problem",
-           "to_bbox"]
+           "to_bbox", "yolo_segment"]
 
 Rle = dict[str, Any]
 DATA_KEY = "mask_rle"  # sv.Detections.data key of the masks as RLEs (OVDetector.detect_batch(mask_rle=True))
@@ -162,3 +162,13 @@ def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     if len(pts):
         cv2.fillPoly(out, [pts], 1)
     return out.astype(bool)
+
+
+def yolo_segment(class_id: int, polygon: np.ndarray, box: Sequence[float], width: int, height: int) -> str:
+    """A YOLO segment label line "class x1 y1 x2 y2 ..." (0..1, 6 decimals): the polygon, or the box's corners when
+    the polygon has under 3 points (an empty or one-line mask), so that every box keeps a trainable label."""
+    if len(polygon) < 3:
+        x1, y1, x2, y2 = box
+        polygon = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)
+    norm = np.asarray(polygon, np.float64) / (width, height)
+    return f"{int(class_id)} " + " ".join(f"{v:.6f}" for v in norm.reshape(-1).tolist()) + "\n"
