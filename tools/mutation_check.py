@@ -240,10 +240,13 @@ def make_copy(dest: Path, worktree: bool) -> None:
 
 def test_env(copy: Path) -> dict[str, str]:
     """The environment the tests run in: the copy's ovdet first on the path (also for the `ovdet` command and the
-    subprocesses the tests start), no bytecode written into it."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    return env
+    subprocesses the tests start), no bytecode written into it, and a home folder of its own, so that nothing
+    else on the machine writing to ~/.cache/ovdet can trip the suite's real-home guard and look like a catch."""
+    home = copy.parent / "home"
+    home.mkdir(exist_ok=True)
+    pythonpath = os.pathsep.join(p for p in (str(copy), os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k != "OVDET_HOME"}
+    return {**env, "PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home)}
 
 
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
