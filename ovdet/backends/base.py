@@ -23,7 +23,8 @@ class Backend(ABC):
     """Runs the detector's forward pass. Every backend subclasses this and is a row of ovdet.backends.table.TABLE
     (`spec`, which gives its name, runtime, devices and precisions).
 
-    Given: `model`, the fused WorldModel (on `device` for torch; a CPU copy that the exported backends export),
+    Given: `model`, the fused WorldModel (on `device` for torch; a CPU copy that the exported backends export, or
+    for them a function that returns it: called only when the compiled model is not in the cache),
     `precision` (one of `spec.precisions`, else a ModelError that says what to use), `device`, `threads` (None: the
     backend's default), and for backends that compile the model: `model_id()` (the weights' identity, part of the
     cache key), `calibration()` (int8 calibration data) and the compiled-model `cache`.
@@ -38,10 +39,18 @@ class Backend(ABC):
                  model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
                  cache: CompiledCache | None = None):
         self.check_precision(precision)
-        self.model = model
+        self._model = model
         self.precision = precision
         self.device = device
         self.exports = 0
+
+    @property
+    def model(self) -> Any:
+        """The fused WorldModel; an exported backend may be given a function that reads it, called only when the
+        compiled model has to be built."""
+        if not isinstance(self._model, torch.nn.Module) and callable(self._model):
+            self._model = self._model()
+        return self._model
 
     @property
     def name(self) -> str:

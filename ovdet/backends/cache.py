@@ -4,7 +4,9 @@ An entry is a folder named `<model>-<backend>-<kind>-<digest>`, the digest taken
 file: the weights' identity, backend, precision kind (+ calibration digest for int8), graph version and library
 versions. It is built in a temporary folder and renamed into place, so readers never see half an entry; its
 `meta.json` (written last) lists each file's size, and an entry that fails that check or fails to load is removed
-and rebuilt with a warning. Entries hold only graph files (xml/bin/onnx/engine) and JSON, never pickles.
+and rebuilt with a warning. Entries hold only graph files (xml/bin/onnx/engine) and JSON, never pickles; an
+OpenVINO entry also holds OpenVINO's compiled blobs (`openvino_blobs/`, its CACHE_DIR: one per precision, written and
+checked by OpenVINO itself, which compiles again when one is damaged).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class OpenVINOBackend(ExportedBackend):
 
     @classmethod
     def auto_precision(cls, device: torch.device, half: bool | None = None) -> tuple[str, str]:
-        """bf16 where the CPU runs it natively (OpenVINO's own default there; ~1.6x fp32's speed for the same mAP on
+        """bf16 where the CPU runs it natively (OpenVINO's own default there; ~1.8x fp32's speed for the same mAP on
         the demo, README Backends), fp32 elsewhere, where OpenVINO would run a bf16 request as fp32 anyway."""
         if "BF16" in cpu_capabilities():
             return "bf16", "precision auto: the CPU has native bf16"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import platform
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ultralytics.utils import nms, ops
 from ovdet.weights.checkpoint import (TEXT_ENCODER_KEY, _quiet_ultralytics, load_checkpoint, load_safetensors_pair,
                               world_model_of)
 from ovdet.errors import ModelError, OVDetWarning
+from ovdet.model.facts import EmbeddedTower, ModelFacts, read_facts, write_facts
 from ovdet.weights.modelconfig import build_world_model, read_model_yaml
 from ovdet.util.hashing import cached_sha256, state_digest
 from ovdet.weights.registry import resolve_detector
@@ -66,18 +68,25 @@ def checkpoint_imgsz(ckpt: dict[str, Any], source: str | Path) -> int:
     It is only a default, so a value that is no size in 32..MAX_CHECKPOINT_IMGSZ (a 40000 would letterbox every image
     into 4.8 GB) gives the YOLO-World default 640 and a warning naming it, instead of refusing good weights.
     """
+    size, warning = _trained_imgsz(ckpt, source)
+    if warning:
+        warnings.warn(warning, OVDetWarning, stacklevel=3)
+    return size
+
+
+def _trained_imgsz(ckpt: dict[str, Any], source: str | Path) -> tuple[int, str | None]:
+    """checkpoint_imgsz's size, and the warning it gives (None: none)."""
     args = ckpt.get("train_args")
     raw = args.get("imgsz") if isinstance(args, dict) else None
     if raw is None:
-        return DEFAULT_IMGSZ
+        return DEFAULT_IMGSZ, None
     sizes = raw if isinstance(raw, (list, tuple)) else [raw]
     if sizes and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_CHECKPOINT_IMGSZ
                      for v in sizes):
-        return max(sizes)
-    warnings.warn(f"{source} says it was trained at imgsz {str(raw)[:60]}, which is not a size in 32.."
-                  f"{MAX_CHECKPOINT_IMGSZ}; detecting at {DEFAULT_IMGSZ} instead (pass --imgsz / imgsz= to choose).",
-                  OVDetWarning, stacklevel=3)
-    return DEFAULT_IMGSZ
+        return max(sizes), None
+    return DEFAULT_IMGSZ, (f"{source} says it was trained at imgsz {str(raw)[:60]}, which is not a size in 32.."
+                           f"{MAX_CHECKPOINT_IMGSZ}; detecting at {DEFAULT_IMGSZ} instead (pass --imgsz / imgsz= to "
+                           "choose).")
 
 
 def check_imgsz(imgsz: Any) -> int:
@@ -94,32 +103,42 @@ def check_imgsz(imgsz: Any) -> int:
 
 
 class WorldDetector:
-    """A YOLO-World model on a device with its class embeddings set: images in, boxes out (N×6 per image)."""
+    """A YOLO-World model on a device with its class embeddings set: images in, boxes out (N×6 per image).
 
-    def __init__(self, model: WorldModel, name: str, device: str | torch.device = "auto", half: bool | None = None,
-                 digest: str | None = None, text_encoder_state: dict | None = None, train_imgsz: int = 640,
-                 backend: str = "torch", precision: str | None = None, threads: int | None = None,
-                 calib: str | Path | None = None, calib_imgsz: int | None = None):
-        from ovdet.backends import create_backend, resolve
+    `model` is a WorldModel, or (with `facts`, for a backend that runs an exported model) a function that reads it:
+    it is then called only when the weights are needed (`model`: a compiled model to build, region exemplars, a
+    worker payload), so a warm start from the compiled-model cache never reads them."""
 
-        choice = resolve(backend, device, half, precision)
+    def __init__(self, model: WorldModel | Callable[[], WorldModel], name: str, device: str | torch.device = "auto",
+                 half: bool | None = None, digest: str | None = None, text_encoder_state: Any = None,
+                 train_imgsz: int = 640, backend: Any = "torch", precision: str | None = None,
+                 threads: int | None = None, calib: str | Path | None = None, calib_imgsz: int | None = None,
+                 facts: ModelFacts | None = None):
+        from ovdet.backends import BackendChoice, create_backend, resolve
+
+        choice = backend if isinstance(backend, BackendChoice) else resolve(backend, device, half, precision)
         self.device = choice.device
         self.half = choice.name == "torch" and choice.precision == "fp16"
-        on_device = choice.name == "torch"  # the other backends export a CPU copy and run it in their runtime
-        model = model.fuse(verbose=False).eval().to(self.device if on_device else torch.device("cpu"))
-        model = model.half() if self.half else model.float()
-        if on_device and _channels_last_helps(self.device):
-            model = model.to(memory_format=torch.channels_last)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
+        self._on_device = choice.name == "torch"  # the other backends export a CPU copy and run it in their runtime
+        self._model: WorldModel | None = None
+        self._read_model: Callable[[], WorldModel] | None = None
+        self._model_lock = threading.Lock()
+        self._txt_feats: torch.Tensor | None = None
+        if isinstance(model, torch.nn.Module):
+            self._model = self._ready(model)
+            self.stride = max(int(self._model.stride.max()), 32)
+            self.embed_dim = int(self._model.txt_feats.shape[-1])
+        elif facts is None:
+            raise TypeError("WorldDetector(model=<function>) needs the model's facts (stride, embed_dim)")
+        else:
+            self._read_model = model
+            self.stride, self.embed_dim = facts.stride, facts.embed_dim
+            if self._on_device:  # torch runs the weights themselves: read them now
+                self._model = self._ready(model())
         self.name = name
-        self.stride = max(int(model.stride.max()), 32)
-        self.embed_dim = int(model.txt_feats.shape[-1])
         self.text_encoder_state = text_encoder_state
         self._digest = digest
         self.train_imgsz = train_imgsz  # the size it was trained at: the best default inference size
-        self._txt_feats: torch.Tensor | None = None
         self._columns: torch.Tensor | None = None  # embedding row -> class index (-1: negative); None: row i is class i
         self._num_classes = 0
         self._reduce = "max"
@@ -131,7 +150,35 @@ class WorldDetector:
 
             return make_calibration(calib, calib_imgsz or train_imgsz, self.preprocess)
 
-        self.backend = create_backend(choice, model, lambda: self.model_id, threads=threads, calibration=calibration)
+        self.backend = create_backend(choice, self._model if self._model is not None else lambda: self.model,
+                                      lambda: self.model_id, threads=threads, calibration=calibration)
+
+    def _ready(self, model: WorldModel) -> WorldModel:
+        """The model fused, in eval mode, frozen, on the device in the precision that runs it (torch), else on the
+        CPU in fp32 for the exported backends to export."""
+        model = model.fuse(verbose=False).eval().to(self.device if self._on_device else torch.device("cpu"))
+        model = model.half() if self.half else model.float()
+        if self._on_device and _channels_last_helps(self.device):
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self._txt_feats is not None:
+            model.txt_feats = self._txt_feats
+        return model
+
+    @property
+    def model(self) -> WorldModel:
+        """The fused torch model; a detector that started from a checkpoint's facts reads it here, once."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = self._ready(self._read_model())
+        return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether the weights are in memory (a warm start on an exported backend never reads them)."""
+        return self._model is not None
 
     def describe(self) -> str:
         """Which backend runs, in words: e.g. "openvino fp32, 2 threads, cpu (auto: OpenVINO on a CPU; precision auto:
@@ -153,10 +200,55 @@ class WorldDetector:
         if text.endswith((".yaml", ".yml")):
             return cls(world_model_from_yaml(text, trust_weights), Path(text).name, device, half, **backend)
         path = resolve_detector(text)
+        facts = read_facts(path) if path.suffix != ".safetensors" else None  # a pair: its .json is not in the key
+        if facts is not None:
+            from ovdet.backends import resolve
+
+            choice = resolve(backend.pop("backend", "torch"), device, half, backend.pop("precision", None))
+            if choice.name != "torch":  # an exported backend: the weights are read only if it has to build
+                return cls._from_facts(path, facts, choice, device, half, trust_weights, **backend)
+            backend["backend"] = choice
         model, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
-        return cls(model, path.stem, device, half, digest=cached_sha256(path)[:16],
-                   text_encoder_state=ckpt.get(TEXT_ENCODER_KEY), train_imgsz=checkpoint_imgsz(ckpt, path),
-                   **backend)
+        sha = cached_sha256(path)  # after the checks: a refused file leaves nothing behind
+        train_imgsz, warning = _trained_imgsz(ckpt, path)
+        if warning:
+            warnings.warn(warning, OVDetWarning, stacklevel=2)
+        tower = ckpt.get(TEXT_ENCODER_KEY)
+        if facts is None and path.suffix != ".safetensors" and not trust_weights:  # never skip the checks it needs
+            from ovdet.text.cache import state_identity
+
+            write_facts(path, ModelFacts(sha256=sha, stride=max(int(model.stride.max()), 32),
+                                         embed_dim=int(model.txt_feats.shape[-1]), train_imgsz=train_imgsz,
+                                         text_tower=state_identity(tower) if tower is not None else None,
+                                         imgsz_warning=warning))
+        return cls(model, path.stem, device, half, digest=sha[:16], text_encoder_state=tower,
+                   train_imgsz=train_imgsz, **backend)
+
+    @classmethod
+    def _from_facts(cls, path: Path, facts: ModelFacts, choice: Any, device: str | torch.device,
+                    half: bool | None, trust_weights: bool, **backend: Any) -> WorldDetector:
+        """A detector whose checkpoint is read (once, with the same safety checks) only when first needed."""
+        if facts.imgsz_warning:
+            warnings.warn(facts.imgsz_warning, OVDetWarning, stacklevel=3)
+        read: dict[str, Any] = {}
+
+        def part(key: str) -> Any:
+            """The model or the tower state, each handed out once: one read serves both, and none is kept here."""
+            if key not in read:
+                model, ckpt = load_world_checkpoint(path, trust_weights=trust_weights)
+                read.update(model=model, tower=ckpt.get(TEXT_ENCODER_KEY))
+            return read.pop(key)
+
+        def tower() -> Any:
+            state = part("tower")
+            if state is None:
+                raise ModelError(f"{path} no longer holds the text tower it had when first read: it changed while "
+                                 "in use; run again.")
+            return state
+
+        embedded = EmbeddedTower(facts.text_tower, tower) if facts.text_tower is not None else None
+        return cls(lambda: part("model"), path.stem, device, half, digest=facts.sha256[:16],
+                   text_encoder_state=embedded, train_imgsz=facts.train_imgsz, backend=choice, facts=facts, **backend)
 
     @property
     def model_id(self) -> str:
@@ -193,7 +285,8 @@ class WorldDetector:
         dtype = torch.float16 if self.half else torch.float32
         self._txt_feats = embeddings.detach().to(self.device, dtype)[None]
         self._columns, self._reduce = columns, reduce
-        self.model.txt_feats = self._txt_feats  # the Ray engine ships these with the weights
+        if self._model is not None:  # the Ray engine ships these with the weights (a model read later gets them too)
+            self._model.txt_feats = self._txt_feats
 
     def preprocess(self, images: list[np.ndarray], imgsz: int) -> torch.Tensor:
         """Letterbox BGR uint8 images exactly as ultralytics predict does; returns a normalized RGB batch."""

@@ -319,8 +319,8 @@ class LazyTextEncoder:
         if self._identity is None:
             if isinstance(self._source, TextEncoder):
                 self._identity = self._source.identity
-            elif self._state is not None:
-                self._identity = state_identity(self._state)
+            elif self._state is not None:  # a lazily read tower (ovdet.model.facts.EmbeddedTower) knows its identity
+                self._identity = getattr(self._state, "identity", None) or state_identity(self._state)
             elif isinstance(source := self._resolve(), Path):
                 self._identity = self.cache.source_identity(source)
             else:  # a Hugging Face id still to be downloaded: its weights are known only once loaded

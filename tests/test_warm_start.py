@@ -1,0 +1,103 @@
+"""A warm start reads nothing it does not run: with the compiled model and the checkpoint's facts cached, an exported
+backend detects without reading the weights, a new prompt reads only the embedded text tower, and anything that
+needs the weights (a missing compiled model, the torch backend) reads them once, with the same result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ovdet.model.world as world
+from conftest import random_world_model, scene
+from ovdet import OVDetector
+from ovdet.backends.cache import CompiledCache
+from ovdet.errors import OVDetWarning
+from ovdet.model.facts import facts_path
+from ovdet.weights.checkpoint import TEXT_ENCODER_KEY
+
+CLASSES = "red box,blue ball"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_text_encoder):
+    """A tiny checkpoint that embeds its text tower, as `ovdet train` writes them (and as the demo model is)."""
+    path = tmp_path_factory.mktemp("warm") / "tiny-tower.pt"
+    torch.save({"model": random_world_model("yolov8n-worldv2.yaml", seed=3), "train_args": {"imgsz": 96},
+                TEXT_ENCODER_KEY: tiny_text_encoder.to_state()}, path)
+    return path
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the checkpoint reads of ovdet.model.world."""
+    calls = []
+    real = world.load_world_checkpoint
+    monkeypatch.setattr(world, "load_world_checkpoint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def _start(checkpoint, classes=CLASSES, **kwargs):
+    det = OVDetector(checkpoint, device="cpu", **{"backend": "openvino", "precision": "fp32", **kwargs})
+    det.set_classes(classes)
+    return det, det.detect(scene(90, 120), conf=0.05)
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    np.testing.assert_allclose(a.xyxy, b.xyxy, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(a.confidence, b.confidence, rtol=0, atol=1e-6)
+
+
+def test_a_warm_start_on_an_exported_backend_reads_no_weights(checkpoint, reads):
+    cold, found = _start(checkpoint)
+    assert len(reads) == 1 and facts_path(checkpoint).is_file()
+    warm, again = _start(checkpoint)
+    assert len(reads) == 1 and not warm.world.model_loaded  # nothing read: facts, cached embeddings, compiled model
+    _same(found, again)
+    assert warm.imgsz == cold.imgsz == 96 and warm.model_id == cold.model_id
+    assert (warm.world.stride, warm.world.embed_dim) == (cold.world.stride, cold.world.embed_dim)
+    assert warm.embeddings_source == cold.embeddings_source  # the embedded tower's identity, without reading it
+
+    warm.set_classes("green ring")  # a prompt the cache does not hold: the embedded tower is read, the model is not
+    assert len(reads) == 2 and not warm.world.model_loaded
+    cold.set_classes("green ring")
+    _same(cold.detect(scene(90, 120), conf=0.05), warm.detect(scene(90, 120), conf=0.05))
+
+    assert warm.worker_payload().model is warm.world.model  # what needs the weights has them: the read above served
+    assert len(reads) == 2 and warm.world.model_loaded    # the tower and the model alike
+
+
+def test_a_missing_compiled_model_is_built_from_weights_read_then(checkpoint, reads):
+    _, found = _start(checkpoint)
+    CompiledCache().clear()
+    det, again = _start(checkpoint)
+    assert det.world.backend.exports == 1 and det.world.model_loaded and len(reads) == 2
+    _same(found, again)
+
+
+def test_the_torch_backend_and_damaged_facts_read_the_checkpoint(checkpoint, reads):
+    _start(checkpoint)
+    torch_det, _ = _start(checkpoint, backend="torch")
+    assert torch_det.world.model_loaded and len(reads) == 2
+    facts = facts_path(checkpoint)
+    good = json.loads(facts.read_text())
+    for damage in ("{not json", json.dumps({"version": 1, "stride": "32"}), json.dumps({**good, "sha256": 7}),
+                   json.dumps({**good, "version": 99})):
+        facts.write_text(damage)
+        det, _ = _start(checkpoint)
+        assert det.world.model_loaded  # read as absent: the checkpoint itself is read, and the facts written again
+        assert json.loads(facts.read_text())["stride"] == det.world.stride
+    assert len(reads) == 6
+
+
+def test_a_training_size_warning_is_given_on_every_start(tmp_path, tiny_text_encoder):
+    path = tmp_path / "odd.pt"
+    torch.save({"model": random_world_model("yolov8n-worldv2.yaml", seed=3), "train_args": {"imgsz": 40000}}, path)
+    for _ in range(2):
+        with pytest.warns(OVDetWarning, match="imgsz 40000"):
+            det = OVDetector(path, device="cpu", backend="openvino", precision="fp32", text_model=tiny_text_encoder)
+        assert det.imgsz == 640
+    assert not det.world.model_loaded  # the second start came from the facts
