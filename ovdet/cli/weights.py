@@ -90,6 +90,8 @@ def _path(name: str, download: bool) -> int:
     spec = weights.lookup(name)
     if spec is not None and spec.kind == "text":
         print(weights.resolve_text_model(name, download=download))
+    elif spec is not None and spec.kind == "segmenter":
+        print(weights.resolve_segmenter(name, download=download))
     else:
         print(weights.resolve_detector(name, download=download))
     return 0
@@ -120,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     spec = weights.lookup(dest.name)
     if spec is not None and spec.kind == "text":
         print("It is now found as the default text tower (text model None or clip-vit-b32).")
+    elif spec is not None and spec.kind == "segmenter":
+        print(f"Use it as: --masks {spec.name}")
     else:
         print(f"Use it as: --model {dest.stem}")
     return 0
