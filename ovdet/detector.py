@@ -16,6 +16,8 @@ from ovdet.config import DetectorConfig
 from ovdet.text.cache import LazyTextEncoder
 from ovdet.errors import ClassSpecError, ModelError
 from ovdet.text.prompts import ClassSpec, parse_classes
+from ovdet.text.exemplars import Exemplar
+from ovdet.model.exemplar_encoder import ExemplarEncoder
 from ovdet.media.sources import load_image
 from ovdet.text.tower import TextEncoder
 from ovdet.tiling import TileSpec, detect_tiled, tile_source, tile_spec
@@ -83,6 +85,8 @@ class OVDetector:
         self.imgsz = cfg.imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
         self.conf, self.iou, self.max_det = cfg.conf, cfg.iou, cfg.max_det
         self._text = LazyTextEncoder(cfg.text_model, device=self.device, embedded_state=self.world.text_encoder_state)
+        self._exemplars = ExemplarEncoder(self.world, lambda: self.imgsz, self._text.cache, cfg.text_model,
+                                          embedded_tower=self.world.text_encoder_state is not None)
         self._spec: ClassSpec | None = None
         self._embeddings_source: str | None = None
         self._segmenters: dict[str, Segmenter] = {}  # by name: a SAM model is loaded once
@@ -162,13 +166,16 @@ class OVDetector:
         """The parsed classes: phrasings, per-class thresholds, negatives, templates."""
         return self._spec
 
-    def set_classes(self, classes: str | Path | Sequence[str] | ClassSpec,
-                    templates: bool | Sequence[str] | None = None, reduce: str | None = None) -> None:
+    def set_classes(self, classes: str | Path | Sequence[str | Exemplar] | ClassSpec | Exemplar | None,
+                    templates: bool | Sequence[str] | None = None, reduce: str | None = None,
+                    exemplars: Sequence[Exemplar] = ()) -> None:
         """Set what to find; takes effect on the next detect call. `classes`: a list or comma string with inline
         syntax ("person|man" synonyms, "!reflection" negatives), a .yaml/.json class file, or a ClassSpec (see
-        ovdet.text.prompts). Cached prompt embeddings are reused; the text tower is loaded only for new prompts."""
-        spec = parse_classes(classes, templates=templates, reduce=reduce)
-        embeddings = spec.embed(self._text.encode)
+        ovdet.text.prompts); `ovdet.Exemplar` items (or `exemplars`) show a class by an image and box instead of,
+        or beside, words (see ovdet.text.exemplars). Cached prompt and exemplar embeddings are reused; the text
+        tower is loaded only for new prompts, and the detector embeds only new exemplars."""
+        spec = parse_classes(classes, templates=templates, reduce=reduce, exemplars=exemplars)
+        embeddings = spec.embed(self._text.encode, self._exemplars.encode)
         self._use(spec, embeddings, source=self._text.identity)
 
     def set_embeddings(self, names: Sequence[str] | ClassSpec, embeddings: torch.Tensor) -> None:

@@ -12,21 +12,22 @@ scored by its best phrasing; `"!reflection"` is a negative prompt. A class file 
         synonyms: [hard hat]
         conf: 0.1                # per-class confidence threshold, overrides the global conf
       - bicycle: {conf: 0.4}     # a one-key mapping {name: options}
+      - name: pallet jack        # exemplars: images (paths relative to this file) and boxes that show the class
+        exemplars: [{image: ref.jpg, box: [10, 20, 200, 180]}, crop.jpg]
+        fuse: 0.5                # the exemplars' share when the class also has words; prompts: [] for none
 
 `classes:` may also be a mapping `{name: options or null}`, and a whole file may be just a list of classes.
+In Python lists, `ovdet.Exemplar(...)` items join the class of their name (or make one); see ovdet.text.exemplars.
+The parsed result is a ClassSpec (ovdet.text.classspec, re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
-import torch.nn.functional as F
 
 from ovdet.text.class_files import Where as _Where
 from ovdet.text.class_files import item_line as _line
@@ -35,6 +36,9 @@ from ovdet.text.class_files import load_yaml as _load_yaml
 from ovdet.util.display import shown
 from ovdet.errors import ClassSpecError
 from ovdet.options import REDUCTIONS  # defined there so that the CLI parser needs no torch
+from ovdet.text import exemplars as _ex
+from ovdet.text.classspec import ClassEntry, ClassSpec
+from ovdet.text.exemplars import Exemplar
 from ovdet.text.limits import check_counts, check_text
 
 CLASS_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -42,93 +46,34 @@ CLASS_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
                      "a photo of a large {}.", "a cropped photo of a {}.", "a close-up photo of a {}.")
 _DOC_KEYS = ("classes", "negatives", "templates", "reduce")
-_CLASS_KEYS = ("name", "prompts", "synonyms", "conf")
+_CLASS_KEYS = ("name", "prompts", "synonyms", "conf", "exemplars", "fuse")
 
 
-@dataclass(frozen=True)
-class ClassEntry:
-    """One class: the name detections carry, the phrasings it is scored by, and an optional own threshold."""
-
-    name: str
-    prompts: tuple[str, ...]
-    conf: float | None = None
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """A parsed class specification: classes in the user's order, negative prompts, templates, reduction."""
-
-    classes: tuple[ClassEntry, ...]
-    negatives: tuple[str, ...] = ()
-    templates: tuple[str, ...] = ()
-    reduce: str = "max"
-
-    @classmethod
-    def from_names(cls, names: Sequence[str]) -> ClassSpec:
-        """One class per name, each scored by its name alone (the plain-list case)."""
-        return cls(tuple(ClassEntry(n, (n,)) for n in names))
-
-    @property
-    def names(self) -> list[str]:
-        return [c.name for c in self.classes]
-
-    @property
-    def thresholds(self) -> list[float | None]:
-        """Per-class confidence thresholds in class order (None: use the global conf)."""
-        return [c.conf for c in self.classes]
-
-    @property
-    def columns(self) -> list[tuple[str, int]]:
-        """(phrasing, class index) per text-embedding row, negatives last with index -1."""
-        return [(p, i) for i, c in enumerate(self.classes) for p in c.prompts] + [(n, -1) for n in self.negatives]
-
-    @property
-    def is_plain(self) -> bool:
-        """True when embedding row i is class i (no synonyms, no negatives): plain YOLO-World scoring applies."""
-        return not self.negatives and all(len(c.prompts) == 1 for c in self.classes)
-
-    def texts(self) -> list[str]:
-        """Every distinct string the text tower must encode: each phrasing in each template."""
-        phrasings = [p for p, _ in self.columns]
-        if not self.templates:
-            return phrasings
-        return list(dict.fromkeys(t for p in phrasings for t in self._templated(p)))
-
-    def embed(self, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        """[rows, D] embeddings of `columns`: with templates, each phrasing's ensemble averaged and renormalized."""
-        check_counts(len(self.classes), len(self.columns), len(self.templates), _Where())  # before any encoding
-        phrasings = [p for p, _ in self.columns]
-        if not self.templates:
-            return encode(phrasings)
-        texts = self.texts()
-        emb = encode(texts)
-        row = {t: i for i, t in enumerate(texts)}
-        index = torch.tensor([row[t] for p in phrasings for t in self._templated(p)], device=emb.device)
-        return F.normalize(emb[index].view(len(phrasings), len(self.templates), -1).mean(1), dim=-1)
-
-    def _templated(self, phrasing: str) -> list[str]:
-        return [t.replace("{}", phrasing) for t in self.templates]
-
-    def describe(self) -> str:
-        """A human-readable table of the classes (name, threshold, phrasings), negatives and options; control
-        characters (refused by parse_classes, possible in a ClassSpec built by hand) shown escaped."""
-        rows = [("#", "NAME", "CONF", "PHRASINGS")] + [
-            (str(i), shown(c.name), "-" if c.conf is None else f"{c.conf:g}", shown(" | ".join(c.prompts)))
-            for i, c in enumerate(self.classes)]
-        widths = [max(len(r[k]) for r in rows) for k in range(3)]
-        lines = [f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
-        lines.append(f"negatives: {shown(' | '.join(self.negatives)) if self.negatives else '-'}")
-        lines.append(f"templates: {shown(' ; '.join(self.templates)) if self.templates else 'off'}")
-        lines.append(f"phrasings scored by: {self.reduce}")
-        return "\n".join(lines)
-
-
-def parse_classes(classes: str | Path | Sequence[Any] | Mapping[str, Any] | ClassSpec,
-                  templates: bool | Sequence[str] | None = None, reduce: str | None = None) -> ClassSpec:
-    """A ClassSpec from a list (inline syntax), a comma-separated string, a .yaml/.yml/.json class file, a parsed
-    document (mapping) or a ClassSpec. `templates` (True: DEFAULT_TEMPLATES, False: off, or a list) and `reduce`
-    ("max" or "mean") override what the file says. Raises ClassSpecError with the file and line where possible."""
+def parse_classes(classes: str | Path | Sequence[Any] | Mapping[str, Any] | ClassSpec | Exemplar | None,
+                  templates: bool | Sequence[str] | None = None, reduce: str | None = None,
+                  exemplars: Sequence[Exemplar] = ()) -> ClassSpec:
+    """A ClassSpec from a list (inline syntax, ovdet.Exemplar items), a comma-separated string, a .yaml/.yml/.json
+    class file, a parsed document (mapping) or a ClassSpec. `templates` (True: DEFAULT_TEMPLATES, False: off, or a
+    list) and `reduce` ("max" or "mean") override what the file says; `exemplars` join the classes of their names
+    (or add classes; None for `classes`: only those). Raises ClassSpecError with the file and line where possible."""
     where = _Where()
+    if exemplars:
+        exemplars = list(exemplars)
+        spec = parse_classes(classes if classes is not None else [exemplars.pop(0)], templates, reduce)
+        items = [(e, where) for e in exemplars]
+        bad = next((e for e, _ in items if not isinstance(e, Exemplar)), None)
+        if bad is not None:
+            raise where.error(f"exemplars must be ovdet.Exemplar objects, got {type(bad).__name__} {bad!r}")
+        classes_, negatives = [(c, where) for c in spec.classes], list(spec.negative_exemplars)
+        for e, w in items:
+            if e.negative:
+                negatives.append(e)
+            else:
+                _merge(classes_, e, w, negatives)
+        return _checked(dataclasses.replace(spec, classes=tuple(c for c, _ in classes_),
+                                            negative_exemplars=tuple(negatives)))
+    if isinstance(classes, Exemplar):
+        classes = [classes]
     if isinstance(classes, ClassSpec):
         spec = _checked(classes)
     elif isinstance(classes, Path) or (isinstance(classes, str) and is_class_file(classes)):
@@ -159,10 +104,15 @@ def _checked(spec: ClassSpec) -> ClassSpec:
     check_counts(len(spec.classes), sum(len(getattr(c, "prompts", ())) for c in spec.classes) + len(spec.negatives),
                  0, where)
     for entry in spec.classes:
-        if not isinstance(entry, ClassEntry) or not entry.prompts:
-            raise where.error(f"{entry!r} is not a ClassEntry with at least one phrasing")
+        if not isinstance(entry, ClassEntry) or not (entry.prompts or entry.exemplars):
+            raise where.error(f"{entry!r} is not a ClassEntry with at least one phrasing or exemplar")
         if entry.conf is not None:
             _conf(entry.conf, where)
+        _fuse(entry.fuse, where)
+    for item in [e for c in spec.classes for e in c.exemplars] + list(spec.negative_exemplars):
+        if not isinstance(item, Exemplar):
+            raise where.error(f"exemplars must be ovdet.Exemplar objects, got {type(item).__name__} {item!r}")
+    _ex.check_count(len(spec.exemplars), where)
     for what, text in [("class name or phrasing", t) for c in spec.classes for t in (c.name, *c.prompts)] + \
             [("negative prompt", n) for n in spec.negatives]:
         if not isinstance(text, str):
@@ -218,31 +168,70 @@ def _document(data: Any, where: _Where) -> ClassSpec:
                           f"got {type(data).__name__}")
     classes: list[tuple[ClassEntry, _Where]] = []
     negatives: list[tuple[str, _Where]] = []
+    negative_exemplars: list[Exemplar] = []
     rows = 0  # counted as the entries come, so a huge (or alias-multiplied) file stops at the cap, not at its end
     for entry, entry_where in _entries(entries, where):
-        (negatives if isinstance(entry, str) else classes).append((entry, entry_where))
-        rows += 1 if isinstance(entry, str) else len(entry.prompts)
+        if isinstance(entry, str):
+            negatives.append((entry, entry_where))
+        elif isinstance(entry, Exemplar) and entry.negative:
+            negative_exemplars.append(entry)
+        else:
+            rows -= _merge(classes, entry, entry_where, negative_exemplars)
+        rows += 1 if isinstance(entry, (str, Exemplar)) else max(1, len(entry.prompts))
         check_counts(len(classes), rows, 0, entry_where, at_least=True)
+        _ex.check_count(len(negative_exemplars) + sum(len(c.exemplars) for c, _ in classes), entry_where)
     if "negatives" in options:
         neg_where = where.at("negatives", _line(options, "negatives"))
-        items = _string_list(options["negatives"], neg_where)
+        items = options["negatives"]
+        exemplar_items = [i for i, item in enumerate(items) if isinstance(item, Mapping)] \
+            if isinstance(items, Sequence) and not isinstance(items, str) else []
+        for i in exemplar_items:
+            item_where = neg_where.at(f"negatives[{i}]", _line(items, i))
+            negative_exemplars.append(_ex.file_exemplar(items[i], item_where, None, negative=True))
+        items = _string_list([item for i, item in enumerate(items) if i not in exemplar_items]
+                             if exemplar_items else items, neg_where)
         check_counts(len(classes), rows + len(items), 0, neg_where, at_least=True)
         for i, item in enumerate(items):
             item_where = neg_where.at(f"negatives[{i}]", _line(options["negatives"], i))
             negatives.append((_phrasing(item.lstrip("!"), "negative prompt", item_where), item_where))
     if not classes:
-        if negatives:
+        if negatives or negative_exemplars:
             raise where.error("there are only negative prompts: name at least one class to find, e.g. 'person'")
         raise where.error("the class list is empty: name at least one thing to find, e.g. ['person']")
     _check_unique(classes, negatives)
     templates = _templates(options["templates"], where.at("templates", _line(options, "templates"))) \
         if "templates" in options else ()
     reduce = _reduce(options["reduce"], where.at("reduce", _line(options, "reduce"))) if "reduce" in options else "max"
-    return ClassSpec(tuple(c for c, _ in classes), tuple(n for n, _ in negatives), templates, reduce)
+    return ClassSpec(tuple(c for c, _ in classes), tuple(n for n, _ in negatives), templates, reduce,
+                     tuple(negative_exemplars))
+
+
+def _merge(classes: list[tuple[ClassEntry, _Where]], entry: ClassEntry | Exemplar, where: _Where,
+           negative_exemplars: list[Exemplar]) -> int:
+    """Add a class (or a positive Exemplar) to `classes`: an exemplar joins the class of its name, or makes an
+    exemplar-only class; words for a class that so far has only exemplars join it. Negative exemplars listed
+    under a class go to `negative_exemplars`. Returns the embedding rows the merge saved (for the count)."""
+    if isinstance(entry, Exemplar):
+        entry = ClassEntry(entry.name, (), exemplars=(entry,))
+    negative_exemplars += [e for e in entry.exemplars if e.negative]
+    entry = dataclasses.replace(entry, exemplars=tuple(e for e in entry.exemplars if not e.negative))
+    if not entry.prompts and not entry.exemplars:
+        raise where.error(f"class {entry.name!r} has no phrasing and no exemplar: give prompts or exemplars")
+    key = _key(entry.name)
+    for i, (known, known_where) in enumerate(classes):
+        if _key(known.name) == key and (not known.prompts or not entry.prompts):
+            prompts = known.prompts + entry.prompts
+            merged = dataclasses.replace(known, prompts=prompts, exemplars=known.exemplars + entry.exemplars,
+                                         conf=known.conf if known.conf is not None else entry.conf,
+                                         fuse=entry.fuse if not known.prompts and entry.exemplars else known.fuse)
+            classes[i] = (merged, known_where)
+            return max(1, len(known.prompts)) + max(1, len(entry.prompts)) - max(1, len(prompts))
+    classes.append((entry, where))
+    return 0
 
 
 def _entries(entries: Any, where: _Where):
-    """Yield (ClassEntry or negative phrasing, where) for a list of entries or a {name: options} mapping."""
+    """Yield (ClassEntry, negative phrasing or Exemplar, where) for a list of entries or a {name: options} mapping."""
     if isinstance(entries, Mapping):
         for name, options in entries.items():
             yield _class_options(name, options, where.at(f"classes.{name}", _line(entries, name)))
@@ -254,6 +243,8 @@ def _entries(entries: Any, where: _Where):
         item_where = where.at(f"{path}[{i}]", _line(entries, i))
         if isinstance(item, str):
             yield from _inline(item, item_where)
+        elif isinstance(item, Exemplar):
+            yield item, item_where
         elif isinstance(item, Mapping) and "name" in item:
             yield _class_options(item["name"], {k: v for k, v in item.items() if k != "name"}, item_where,
                                  lines=item)
@@ -321,12 +312,19 @@ def _class_options(name: Any, options: Any, where: _Where, lines: Any = None) ->
             if any("|" in p for p in items):
                 raise key_where.error(f"{key} take one phrasing per list item, without '|'")
             prompts = items if key == "prompts" else prompts + items
-    if not prompts:
-        raise where.error(f"class {name!r} has an empty prompts list: give at least one phrasing")
+    exemplars: list[Exemplar] = []
+    if "exemplars" in options:
+        exemplars = _ex.file_exemplars(options["exemplars"], where.at(f"{where.path}.exemplars",
+                                                                       _line(lines, "exemplars")), name)
+    if not prompts and not any(not e.negative for e in exemplars):
+        raise where.error(f"class {name!r} has an empty prompts list: give at least one phrasing (or exemplars)")
     conf = None
     if "conf" in options:
         conf = _conf(options["conf"], where.at(f"{where.path}.conf", _line(lines, "conf")))
-    return ClassEntry(name, tuple(prompts), conf), where
+    share = _ex.DEFAULT_FUSE
+    if "fuse" in options:
+        share = _fuse(options["fuse"], where.at(f"{where.path}.fuse", _line(lines, "fuse")))
+    return ClassEntry(name, tuple(prompts), conf, tuple(exemplars), share), where
 
 
 def _string_list(value: Any, where: _Where) -> list[str]:
@@ -334,6 +332,13 @@ def _string_list(value: Any, where: _Where) -> list[str]:
     if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
         raise where.error(f"expected a list of strings, got {value!r}")
     return list(items)
+
+
+def _fuse(value: Any, where: _Where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise where.error(f"fuse (the exemplars' share of a class with words) must be a number between 0 and 1, "
+                          f"got {value!r}")
+    return float(value)
 
 
 def _conf(value: Any, where: _Where) -> float:
