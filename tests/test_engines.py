@@ -121,6 +121,72 @@ def test_the_ray_engine_runs_its_workers_on_the_job_options_unless_it_sets_its_o
     assert RayEngine().runtime(object(), job).reduced_precision == "int8"  # type: ignore[arg-type]
 
 
+class _Cluster:
+    """What the Ray engine's sizing reads of a cluster: its nodes (CPUs each) and its resources."""
+
+    def __init__(self, node_cpus: list[float], gpus: float = 0.0):
+        self.node_cpus, self.gpus = node_cpus, gpus
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": {"CPU": c}} for c in self.node_cpus] + \
+               [{"Alive": False, "Resources": {"CPU": 64.0}}]  # a dead node holds no worker
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": sum(self.node_cpus), "GPU": self.gpus}
+
+
+@pytest.mark.parametrize("engine, nodes, gpus, sized", [
+    (RayEngine(), [16.0], 0, (1, 16.0)),  # one worker per node, holding all of its CPUs
+    (RayEngine(), [8.0, 8.0, 8.0], 0, (3, 8.0)),
+    (RayEngine(), [4.0, 8.0], 0, (3, 4.0)),  # unequal nodes: workers of the smallest node's CPUs, as many as fit
+    (RayEngine(workers=4), [8.0], 0, (4, 2.0)),  # --workers alone splits a node's CPUs
+    (RayEngine(workers=1), [2.0, 2.0], 0, (1, 2.0)),  # a worker never spans nodes
+    (RayEngine(cpus_per_worker=1), [2.0, 2.0], 0, (4, 1)),  # the old one-per-CPU, when asked for
+    (RayEngine(workers=3, cpus_per_worker=2), [2.0], 0, (3, 2)),
+    (RayEngine(gpus_per_worker=1), [16.0], 4, (4, 1.0)),  # one per GPU
+    (RayEngine(gpus_per_worker=0.5, cpus_per_worker=2), [16.0], 2, (4, 2)),
+])
+def test_the_ray_engine_sizes_its_workers_per_node(engine, nodes, gpus, sized):
+    from ovdet.engines.ray.engine import _sized
+
+    got = _sized(engine, _Cluster(nodes, gpus))
+    assert (got.workers, got.cpus_per_worker) == sized
+    assert got.worker_config(DetectorConfig()).threads == int(sized[1])  # a worker's torch threads: its CPUs
+
+
+@pytest.mark.parametrize("engine, nodes, gpus, words", [
+    (RayEngine(), [0.5], 0, "no node"), (RayEngine(cpus_per_worker=4), [2.0, 2.0], 0, "lower --cpus-per-worker"),
+    (RayEngine(gpus_per_worker=1), [8.0], 0, "lower --gpus-per-worker")])
+def test_a_cluster_too_small_for_one_worker_says_so(engine, nodes, gpus, words):
+    from ovdet.engines.ray.engine import _sized
+    from ovdet.errors import EngineError
+
+    with pytest.raises(EngineError, match=words):
+        _sized(engine, _Cluster(nodes, gpus))
+
+
+def test_the_ray_engine_starts_its_own_instance_unless_told_a_cluster(monkeypatch):
+    from ovdet.engines.ray.engine import _connect
+
+    class FakeRay:
+        def __init__(self):
+            self.calls: list[dict] = []
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs):
+            self.calls.append(kwargs)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray = FakeRay()
+    assert _connect(ray, None, quiet=True) and ray.calls[-1]["address"] == "local"  # never a cluster found here
+    assert _connect(ray, "10.0.0.5:6379", quiet=True) and ray.calls[-1]["address"] == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert _connect(ray, None, quiet=True) and ray.calls[-1]["address"] == "ray://head:10001"
+    assert _connect(ray, "auto", quiet=True) and ray.calls[-1]["address"] == "auto"  # --ray-address wins
+
+
 def test_a_run_writer_hands_out_keys_once(tmp_path):
     from ovdet.datasets.splits import ValSplit
 

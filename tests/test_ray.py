@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -317,3 +318,34 @@ def test_a_worker_that_cannot_see_the_output_folder_refuses(tmp_path):
     _check_token(tmp_path, "abc")
     with pytest.raises(EngineError, match="every node mounts"):
         _check_token(tmp_path, "another driver's token")
+
+
+def test_engine_ray_starts_its_own_instance_beside_an_unrelated_one(tmp_path):
+    """`--engine ray` without --ray-address / RAY_ADDRESS neither joins a Ray instance already running on the machine
+    (here one with no CPUs: a run on it could not place a worker) nor disturbs it."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ovr", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX's limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # the unrelated instance: a head node (it records itself as this machine's current cluster), stopped by us alone
+    other = subprocess.Popen([sys.executable, "-c", "import sys\nfrom ray.cluster_utils import Cluster\n"
+                              "c = Cluster(initialize_head=True, head_node_args={'num_cpus': 0, "
+                              "'include_dashboard': False})\nprint(c.address, flush=True)\nsys.stdin.readline()\n"
+                              "c.shutdown()\n"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = other.stdout.readline().strip()
+        assert address, "the unrelated Ray instance did not start"
+        out = tmp_path / "x"
+        proc = subprocess.run([sys.executable, "-m", "ovdet.cli", "annotate", str(REPO / "samples" / "shapes"),
+                               "--engine", "ray", "--model", "demo", "--classes", "red circle", "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "annotated 4 images" in proc.stderr and len(records(out)) == 4
+        check = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], "
+                                "logging_level='ERROR'); print(ray.cluster_resources().get('CPU', 0))", address],
+                               env=env, capture_output=True, text=True, timeout=240)
+        assert check.returncode == 0 and float(check.stdout.split()[-1]) == 0, check.stderr[-2000:]  # still up
+    finally:
+        other.communicate("stop\n", timeout=240)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

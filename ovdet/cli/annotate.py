@@ -54,13 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="local: threads in this process; ray: a Ray Data actor pool over a cluster (needs "
                           '`pip install "ovdet[ray]"`; same outputs, and either engine resumes the other\'s run)')
     ray.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="Ray cluster to join, e.g. auto, 10.0.0.5:6379 or ray://head:10001 (default: the cluster "
-                          "running on this machine if any, else a local one for this run)")
+                     help="Ray cluster to join, e.g. 10.0.0.5:6379, ray://head:10001, or auto for the one `ray start` "
+                          "runs on this machine (default: RAY_ADDRESS if set, else a Ray instance of this run's own "
+                          "on this machine, stopped after it; a cluster already running here is not joined)")
     ray.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="detector workers (Ray actors), each with its own copy of the model (default: as many as "
-                          "the cluster's CPUs, or GPUs with --gpus-per-worker, allow)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
-                     help="CPUs each worker reserves; also its torch threads")
+                     help="detector workers (Ray actors), each with its own copy of the model (default: one per "
+                          "node, holding all of its CPUs; with --gpus-per-worker, as many as the GPUs allow)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                     help="CPUs each worker reserves; also its torch threads (default: a node's CPUs, split between "
+                          "--workers if given; 1 with --gpus-per-worker)")
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
                      help="GPUs each worker reserves (1: one model per GPU; 0.5: two per GPU); --device auto then "
                           "runs it on CUDA")

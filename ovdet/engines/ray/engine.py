@@ -23,7 +23,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +51,15 @@ _INSTALL_HINT = 'pip install "ovdet[ray]"'
 class RayEngine:
     """annotate on Ray Data: `annotate_folder(..., engine=RayEngine(workers=4, gpus_per_worker=1))`.
 
-    `address`: a Ray cluster ("auto", "ray://head:10001", "10.0.0.5:6379"); None joins the cluster running
-    on this machine if there is one, else starts a local one. `workers`: detector actors (default: as many
-    as the cluster has CPUs / GPUs for). The workers run the job's DetectorConfig (annotate_folder's device, half,
+    `address`: a Ray cluster ("auto" for the one `ray start` runs on this machine, "ray://head:10001",
+    "10.0.0.5:6379"); None takes RAY_ADDRESS when it is set, else starts a Ray instance of this machine's own for
+    the run and stops it after (a cluster already running here is not joined: it may be anyone's). A process
+    already connected (ray.init) runs on its cluster.
+
+    Sizing: `workers` detector actors of `cpus_per_worker` CPUs (its torch threads) or `gpus_per_worker` GPUs.
+    Defaults: one worker per node holding all of that node's CPUs (nodes of unequal size: workers of the smallest
+    node's CPUs, as many as fit on each node); with `gpus_per_worker`, as many 1-CPU workers as the GPUs allow;
+    `workers` alone splits a node's CPUs between that many. The workers run the job's DetectorConfig (annotate_folder's device, half,
     backend, precision, calib); `device` / `half` / `backend` / `precision` / `calib` set here override it for the
     workers (the driver only encodes the classes, on its CPU). `part_size`: images per worker call and part file
     (default: from the batch and the number of images).
@@ -61,7 +67,7 @@ class RayEngine:
 
     address: str | None = None
     workers: int | None = None
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None
     gpus_per_worker: float = 0.0
     device: str | None = None
     half: bool | None = None
@@ -90,7 +96,8 @@ class RayEngine:
         return DetectorConfig(device=pick(self.device, config.device), half=pick(self.half, config.half),
                               backend=pick(self.backend, config.backend),
                               precision=pick(self.precision, config.precision),
-                              calib=None if calib is None else str(calib), threads=max(1, int(self.cpus_per_worker)),
+                              calib=None if calib is None else str(calib),
+                              threads=max(1, int(self.cpus_per_worker or 1)),
                               conf=config.conf, iou=config.iou, max_det=config.max_det)
 
     def runtime(self, detector: Detector, config: DetectorConfig) -> Runtime:
@@ -100,13 +107,14 @@ class RayEngine:
 
     def run(self, work: Work, writer: RunWriter) -> Counts:
         """Annotate what `work.done` lacks through `writer`; returns (images found, images already done)."""
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or (self.workers is not None and self.workers < 1):
+        if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or self.gpus_per_worker < 0 \
+                or (self.workers is not None and self.workers < 1):
             raise EngineError("--workers must be at least 1, --cpus-per-worker above 0 and --gpus-per-worker 0 or "
                               "more")
         ray = _import_ray()
         started = _connect(ray, self.address, quiet=work.quiet)
         try:
-            return _Driver(self, ray, work, writer).run()
+            return _Driver(_sized(self, ray), ray, work, writer).run()
         finally:
             if started:
                 ray.shutdown()
@@ -123,22 +131,47 @@ def _import_ray() -> Any:
 
 
 def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
-    """Join `address` (or the cluster running here, else a new local one); True if this call connected."""
+    """Join `address` (else RAY_ADDRESS's cluster, else start a Ray instance of this run's own); True if this call
+    connected. A cluster someone started on this machine is joined only when named ("auto" or its address)."""
     if ray.is_initialized():
         return False
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise EngineError(f"cannot connect to the Ray cluster at {address!r} ({exc}); start one with "
-                              "`ray start --head` (see the README) or leave --ray-address out to use this machine")
+                              "`ray start --head` (see the README), or leave --ray-address out and unset RAY_ADDRESS "
+                              "to run on a Ray instance of this machine started for the run")
         return True
-    try:
-        ray.init(address="auto", **kwargs)
-    except ConnectionError:  # no cluster running here: a local one for this run
-        ray.init(include_dashboard=False, **kwargs)
+    ray.init(address="local", include_dashboard=False, **kwargs)  # never ray_current_cluster's (anyone's) cluster
     return True
+
+
+def _sized(engine: RayEngine, ray: Any) -> RayEngine:
+    """The engine with `workers` and `cpus_per_worker` set: as given, else from the cluster (see RayEngine)."""
+    cpus, workers = engine.cpus_per_worker, engine.workers
+    if engine.gpus_per_worker > 0:
+        cpus = cpus or 1.0
+        if workers is None:
+            workers = int(ray.cluster_resources().get("GPU", 0) // engine.gpus_per_worker)
+            if workers < 1:
+                raise EngineError(f"the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs, not enough "
+                                  f"for one worker of {engine.gpus_per_worker:g}; lower --gpus-per-worker or add nodes")
+        return replace(engine, workers=workers, cpus_per_worker=cpus)
+    nodes = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if cpus is None:  # one worker per node holding its CPUs; --workers N: a node's CPUs split between N
+        smallest = min((c for c in nodes if c >= 1), default=0.0)
+        if smallest < 1:
+            raise EngineError("the Ray cluster has no node with a whole CPU for a worker; add CPUs or nodes")
+        cpus = float(max(1, int(smallest if workers is None else min(smallest, sum(nodes) // workers))))
+    if workers is None:
+        workers = sum(int(c // cpus) for c in nodes)
+        if workers < 1:
+            raise EngineError(f"no node of the Ray cluster has {cpus:g} CPUs for one worker (nodes: "
+                              f"{', '.join(f'{c:g}' for c in nodes) or 'none'}); lower --cpus-per-worker or add nodes")
+    return replace(engine, workers=workers, cpus_per_worker=cpus)
 
 
 def _payload(detector: Detector) -> DetectorPayload:
@@ -209,7 +242,7 @@ class _Driver:
         if not found:
             raise DatasetError(f"{self.source.uri}: no image files found; point to a folder or prefix of images")
         todo = found - already
-        workers = self._workers()
+        workers = int(self.engine.workers or 1)  # set by _sized
         part = self.engine.part_size or max(self.batch, min(256, math.ceil(todo / (4 * workers))))
         part = math.ceil(part / self.batch) * self.batch
         with progress(total=found, initial=already, unit="img", desc="annotate", quiet=self.quiet) as bar:
@@ -247,20 +280,6 @@ class _Driver:
         if images:
             blocks.append(self.ray.put(pa.table({"image": images, "key": keys})))
         return blocks
-
-    def _workers(self) -> int:
-        if self.engine.workers:
-            return int(self.engine.workers)
-        resources = self.ray.cluster_resources()
-        if self.engine.gpus_per_worker > 0:
-            kind, per = "GPU", self.engine.gpus_per_worker
-        else:
-            kind, per = "CPU", self.engine.cpus_per_worker
-        n = int(resources.get(kind, 0) // per)
-        if n < 1:
-            raise EngineError(f"the Ray cluster has {resources.get(kind, 0):g} {kind}s, not enough for one worker of "
-                              f"{per:g}; lower --{kind.lower()}s-per-worker or add nodes")
-        return n
 
     def _execute(self, blocks: list[Any], spec: WorkerSpec, workers: int, part: int) -> Iterator[dict[str, Any]]:
         """Run the blocks through the actor pool; yields {"part", "images"} rows as parts finish."""
