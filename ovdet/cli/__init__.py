@@ -16,7 +16,7 @@ from ovdet.version import package_version
 
 # Subcommand modules under ovdet.cli, in the order `ovdet --help` lists them.
 COMMANDS = ("detect", "weights", "video", "webcam", "annotate", "report", "relabel", "train", "eval", "synth",
-            "classes", "cache", "export")
+            "classes", "cache", "export", "serve")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

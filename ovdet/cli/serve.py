@@ -1,0 +1,77 @@
+"""`ovdet serve`: the HTTP detection service and Label Studio ML backend (FastAPI on uvicorn, imported in run())."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ovdet.cli import HelpFormatter
+from ovdet.cli._common import add_model_options, detector_from_args
+from ovdet.service.settings import TOKEN_ENV, ServeConfigError, ServeSettings, check_bind
+from ovdet.util.display import shown
+
+_DEFAULTS = ServeSettings()
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("serve", help="serve detection over HTTP (and as a Label Studio ML backend)",
+                            description="Serve the detector over HTTP: POST /v1/detect, stored vocabularies, "
+                                        "/health, /metrics, OpenAPI at /docs, and Label Studio's ML-backend "
+                                        "protocol (/setup, /predict). See README, HTTP service and Label Studio.",
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; any other than loopback needs a token")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--token", default=None,
+                        help=f"bearer token clients must send (default: ${TOKEN_ENV}; none: no auth, loopback only)")
+    parser.add_argument("--allow-urls", action="store_true", help="fetch images given as http(s) URLs")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="read images given as local paths (Label Studio tasks) from under this folder only")
+    group = parser.add_argument_group("batching and limits")
+    group.add_argument("--max-batch", type=int, default=_DEFAULTS.max_batch, help="most images in one forward pass")
+    group.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms,
+                       help="how long a batch waits for more requests with the same vocabulary")
+    group.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue,
+                       help="requests waiting for the detector; more are answered 503 with Retry-After")
+    group.add_argument("--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / 2**20,
+                       help="largest request body in MiB")
+    group.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels, help="largest image, in pixels")
+    group.add_argument("--max-images", type=int, default=_DEFAULTS.max_images, help="most images per request")
+    group.add_argument("--no-persist", dest="persist", action="store_false",
+                       help="keep stored vocabularies in memory only (default: also under $OVDET_HOME/vocabularies)")
+    add_model_options(parser)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The ServeSettings the options ask for; ServeConfigError for unsafe or impossible ones."""
+    token = args.token or ServeSettings.token_from_env()
+    check_bind(args.host, token)
+    for name in ("max_batch", "max_queue", "max_pixels", "max_images"):
+        if getattr(args, name) < 1:
+            raise ServeConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_body_mb <= 0 or args.max_wait_ms < 0:
+        raise ServeConfigError("--max-body-mb must be positive and --max-wait-ms not negative")
+    root = Path(args.data_root).expanduser() if args.data_root else None
+    if root is not None and not root.is_dir():
+        raise ServeConfigError(f"--data-root {shown(root)} is not a folder: give the folder images are read from")
+    return ServeSettings(token=token, max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                         max_images=args.max_images, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_queue=args.max_queue, allow_urls=args.allow_urls, data_root=root,
+                         persist_vocabularies=args.persist)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    import uvicorn
+
+    from ovdet.service import create_app
+
+    det = detector_from_args(args)
+    settings.model_version = f"ovdet-{det.model_id}"
+    print(f"ovdet: serving {shown(det.model_id)} on {det.world.describe()} at http://{args.host}:{args.port} "
+          f"(docs: /docs{', token required' if settings.token else ''})", file=sys.stderr)
+    uvicorn.run(create_app(det, settings), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=30)
+    return 0
