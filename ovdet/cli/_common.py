@@ -65,10 +65,46 @@ def add_trust_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
 
 
 def add_classes_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--classes", required=True,
+    """--classes (words or a class file) and the exemplar options: what to find."""
+    parser.add_argument("--classes", default=None,
                         help='what to find: comma-separated names, e.g. "person,bus,red backpack"; '
                              '"person|man|woman" makes synonyms one class, "!reflection" drops boxes that match '
-                             'it best; or a class file (.yaml/.json, see samples/classes/)')
+                             'it best; or a class file (.yaml/.json, see samples/classes/); needed unless '
+                             '--exemplar names the classes')
+    add_exemplar_options(parser)
+
+
+EXEMPLAR_SOURCES = ("auto", "region", "clip")  # ovdet.text.exemplars.EXEMPLAR_SOURCES (a test checks they agree)
+
+
+def add_exemplar_options(parser: argparse.ArgumentParser) -> None:
+    """--exemplar NAME=IMAGE[@x1,y1,x2,y2] (repeatable) and --exemplar-source: classes shown by example."""
+    parser.add_argument("--exemplar", action="append", default=[], metavar="NAME=IMAGE[@x1,y1,x2,y2]",
+                        help='show a class by example: an image and a box in it (pixels; none: the whole image), '
+                             'e.g. "pallet jack=ref.jpg@10,20,200,180"; repeat it for more examples or classes; '
+                             'it joins the --classes class of that name (fused with its words) or adds a class; '
+                             '"!=glare.jpg@..." drops boxes that match it best')
+    parser.add_argument("--exemplar-source", choices=EXEMPLAR_SOURCES, default="auto",
+                        help="how exemplars become class embeddings: region (the detector's own region embedding "
+                             "at the box; auto means region) or clip (CLIP's image tower, from --text-model's files)")
+
+
+def class_input(args: argparse.Namespace) -> Any:
+    """What --classes and --exemplar ask for: the --classes text as given, or a ClassSpec holding the exemplars.
+    ClassSpecError when neither is given."""
+    exemplars = getattr(args, "exemplar", None) or []
+    if not exemplars:
+        if not args.classes:
+            from ovdet.errors import ClassSpecError
+
+            raise ClassSpecError('Nothing to find: give --classes "person,bus" (or a class file), and/or '
+                                 '--exemplar "NAME=IMAGE@x1,y1,x2,y2".')
+        return args.classes
+    from ovdet.text.exemplars import parse_exemplar
+    from ovdet.text.prompts import parse_classes
+
+    return parse_classes(args.classes or None,
+                         exemplars=[parse_exemplar(text, source=args.exemplar_source) for text in exemplars])
 
 
 def detector_config(args: argparse.Namespace, **overrides: Any) -> DetectorConfig:
@@ -89,9 +125,10 @@ def backend_words(det: OVDetector) -> str:
 
 
 def build_detector(args: argparse.Namespace) -> OVDetector:
-    """An OVDetector from the parsed model options, with args.classes set."""
+    """An OVDetector from the parsed model options, with the classes of --classes and --exemplar set."""
+    classes = class_input(args)  # checked before the (slow) model load
     det = detector_from_args(args)
-    det.set_classes(args.classes)
+    det.set_classes(classes)
     return det
 
 

@@ -6,8 +6,8 @@ import argparse
 import json
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import (add_model_options, add_tile_options, backend_words, detector_from_args,
-                               tile_options)
+from ovdet.cli._common import (add_exemplar_options, add_model_options, add_tile_options, backend_words,
+                               detector_from_args, tile_options)
 from ovdet.errors import DatasetError
 
 
@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "--map); dataset classes whose prompt is not listed are left out of the score")
     p.add_argument("--map", default=None, metavar="NAME=PROMPT,...",
                    help='prompt for a dataset class, e.g. "person=a pedestrian,car=a car"')
+    add_exemplar_options(p)
     p.add_argument("--batch", type=int, default=8, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines); the result is printed")
@@ -45,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError("--report needs --out DIR: the folder the run and its report are saved in")
     from ovdet.detector import parse_class_names
     from ovdet.jobs.evaluate import evaluate, load_dataset, parse_mapping
+    from ovdet.text.exemplars import parse_exemplar
 
     dataset = load_dataset(args.data, split=args.split)
     mapping = parse_mapping(args.map, dataset.names)
     classes = parse_class_names(args.classes) if args.classes else None
+    exemplars = [parse_exemplar(text, source=args.exemplar_source) for text in args.exemplar]
     det = detector_from_args(args)
-    result = evaluate(det, dataset, classes=classes, mapping=mapping, conf=args.conf, iou=args.iou,
+    result = evaluate(det, dataset, classes=classes, mapping=mapping, exemplars=exemplars, conf=args.conf, iou=args.iou,
                       batch=args.batch, progress=not args.quiet, out=args.out, tile=tile_options(args))
     if args.json:
         print(json.dumps({"data": dataset.source, "split": args.split, "model": det.model_id, "backend": det.backend,

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import supervision as sv
@@ -288,7 +288,7 @@ def _batches(dataset: LabelledDataset, batch: int) -> Iterator[list]:
 def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[str] | None = None,
              mapping: Mapping[str, str] | None = None, conf: float = 0.001, iou: float = 0.7,
              batch: int = 8, progress: bool = True, out: str | os.PathLike | None = None,
-             tile: int | TileSpec | None = None) -> EvalResult:
+             tile: int | TileSpec | None = None, exemplars: Sequence[Any] = ()) -> EvalResult:
     """Run `detector` over the dataset and score it.
 
     Each dataset class is scored under its prompt (`mapping[name]`, else its own name). The detector is given
@@ -296,31 +296,39 @@ def evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[s
     left out of the score, and so are detections of prompts that name no dataset class.
     With `out`, the run is saved there as a run folder (run.json with settings and scores, predictions.jsonl
     with each image's predictions and ground truth) that `ovdet report` reads; an earlier eval run there is
-    replaced. `tile` (a tile size or an ovdet.tiling.TileSpec) scores sliced inference.
+    replaced. `tile` (a tile size or an ovdet.tiling.TileSpec) scores sliced inference. `exemplars`
+    (ovdet.Exemplar) show the class of their name (a dataset class or a `mapping` target): without `classes` it
+    is scored by its exemplars alone, with `classes` naming it too by exemplars fused with the words; negative
+    ones drop boxes.
     """
     with ExitStack() as stack:
         run = None
         if out is not None:
             stack.enter_context(lock_output(out))
             run = stack.enter_context(_EvalRun(Path(out)))
-        return _evaluate(detector, dataset, classes, mapping, conf, iou, batch, progress, run, tile_spec(tile))
+        return _evaluate(detector, dataset, classes, mapping, conf, iou, batch, progress, run, tile_spec(tile),
+                         list(exemplars))
 
 
 def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[str] | None,
               mapping: Mapping[str, str] | None, conf: float, iou: float, batch: int, progress: bool,
-              run: _EvalRun | None, tiling: TileSpec | None = None) -> EvalResult:
+              run: _EvalRun | None, tiling: TileSpec | None = None, exemplars: Sequence[Any] = ()) -> EvalResult:
     """evaluate() without the output folder handling."""
     mapping = dict(mapping or {})
     prompt_of = [mapping.get(n, n) for n in dataset.names]
-    prompts = list(classes) if classes else list(dict.fromkeys(prompt_of))
-    scored = [p for p in dict.fromkeys(prompt_of) if p in prompts]  # evaluation categories, dataset order
+    shown_by = [e.name for e in exemplars if not e.negative]  # classes given by example: scored by their exemplars
+    prompts = list(classes) if classes else [p for p in dict.fromkeys(prompt_of) if p not in shown_by]
+    named = prompts + shown_by
+    scored = [p for p in dict.fromkeys(prompt_of) if p in named]  # evaluation categories, dataset order
     if not scored:
         raise DatasetError(f"None of the prompts {prompts} names a dataset class ({dataset.names}): "
                            "use the dataset's names or map them with --map 'dataset_name=prompt'.")
     if not dataset.images:
         raise DatasetError(f"{dataset.source} lists no images in this split.")
     gt_to_cat = np.array([scored.index(p) if p in scored else -1 for p in prompt_of], dtype=int)
-    detector.set_classes(prompts)  # "!negatives" drop out of detector.classes, which the class ids index
+    extra = {"exemplars": exemplars} if exemplars else {}
+    # "!negatives" drop out of detector.classes, which the class ids index
+    detector.set_classes(prompts or None, **extra)
     det_to_cat = np.array([scored.index(p) if p in scored else -1 for p in detector.classes], dtype=int)
     predictions, targets, skipped = [], [], []
     bar = progress_display(total=len(dataset.images), desc="eval", unit="img", quiet=not progress)
@@ -355,7 +363,8 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
                 "templates": [], "reduce": "max"}
         run.finish({"data": dataset.source, "classes": spec, "prompts": prompts, "model": detector.model_id,
                     "imgsz": getattr(detector, "imgsz", None), "conf": float(conf), "iou": float(iou),
-                    "formats": ["jsonl"], "tile": tiling.settings() if tiling is not None else None}, result)
+                    "formats": ["jsonl"], "tile": tiling.settings() if tiling is not None else None,
+                    "exemplars": [e.record() for e in exemplars]}, result)
     return result
 
 
