@@ -7,8 +7,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, build_detector, detector_config,
-                               tile_options)
+from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, build_detector, class_input,
+                               detector_config, tile_options)
 from ovdet.util.display import shown
 from ovdet.errors import DatasetError
 from ovdet.options import DATASET_FORMATS as FORMATS
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from ovdet.jobs.annotate import annotate_folder
 
     summary = annotate_folder(
-        args.src, args.classes, args.out, formats=args.format, config=detector_config(args),
+        args.src, class_input(args), args.out, formats=args.format, config=detector_config(args),
         detector=None if args.engine == "ray" else lambda: build_detector(args), batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
         val_split=args.val_split, split_seed=args.split_seed, engine=engine, tile=tile_options(args),

@@ -52,7 +52,7 @@ __all__ = ["AnnotateSummary", "annotate_folder"]
 
 _MANIFEST_VERSION = 1
 # Settings added after version 1, with the value a run.json written before them implies.
-_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None, "reduced_precision": None}
+_ADDED_SETTINGS = {"val_split": 0.0, "split_seed": 0, "tile": None, "reduced_precision": None, "exemplars": []}
 
 
 @dataclass
@@ -173,7 +173,8 @@ def annotate_folder(
         settings = {
             "source": source.uri,
             "recursive": bool(recursive),
-            "classes": json.loads(json.dumps(dataclasses.asdict(spec))),  # phrasings, thresholds, negatives too
+            "classes": spec.record(),  # phrasings, thresholds, negatives too
+            "exemplars": spec.exemplar_records(),  # image sha256, box, source: resume refuses another set
             "model": detector.model_id,
             "text_model": detector.embeddings_source,
             "imgsz": cfg.imgsz if cfg.imgsz is not None else detector.imgsz,
