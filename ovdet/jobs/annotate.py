@@ -20,7 +20,6 @@ Output folder layout::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
