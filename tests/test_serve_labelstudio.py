@@ -1,0 +1,121 @@
+"""Label Studio's ML-backend protocol on `ovdet serve`, with the request shapes Label Studio sends: /setup with the
+project's labelling config, /predict with tasks whose images live under --data-root → rectanglelabels in percent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from ovdet.detector import OVDetector  # noqa: E402
+from ovdet.media.sources import load_image  # noqa: E402
+from ovdet.service import ServeSettings, create_app  # noqa: E402
+from ovdet.service.labelstudio import parse_label_config  # noqa: E402
+from ovdet.service.vocab import VocabularyStore  # noqa: E402
+
+SHAPES = Path(__file__).resolve().parents[1] / "samples" / "shapes.jpg"
+CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="red circle" background="red"/>
+    <Label value="blue square" background="blue"/>
+  </RectangleLabels>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def det():
+    return OVDetector("demo", device="cpu", backend="torch")
+
+
+@pytest.fixture
+def media(tmp_path):
+    """Label Studio's media folder: uploads land in upload/<project>/<prefix>-<name>."""
+    (tmp_path / "media" / "upload" / "1").mkdir(parents=True)
+    shutil.copy(SHAPES, tmp_path / "media" / "upload" / "1" / "3f2a-shapes.jpg")
+    return tmp_path / "media"
+
+
+def client_for(det, tmp_path, media, **settings):
+    settings = ServeSettings(data_root=media, max_wait_ms=0, model_version="ovdet-demo", **settings)
+    return TestClient(create_app(det, settings, vocabularies=VocabularyStore(tmp_path / "v")))
+
+
+def test_setup_and_predict_give_rectanglelabels_equal_to_the_detector(det, tmp_path, media):
+    det.set_classes(["red circle", "blue square"])
+    want = det.detect(load_image(SHAPES))
+    assert len(want), "the demo model finds shapes in the sample"
+    h, w = load_image(SHAPES).shape[:2]
+    with client_for(det, tmp_path, media) as client:
+        assert client.get("/health").json()["status"] == "UP"
+        setup = client.post("/setup", json={"project": "1.1733000000", "schema": CONFIG,
+                                            "hostname": "http://localhost:8080", "access_token": "abc",
+                                            "model_version": ""})
+        assert setup.status_code == 200 and setup.json() == {"model_version": "ovdet-demo"}
+        task = {"id": 7, "data": {"image": "/data/upload/1/3f2a-shapes.jpg"}, "meta": {}, "annotations": [],
+                "predictions": [], "project": 1}
+        body = {"tasks": [task], "model_version": "ovdet-demo", "project": "1.1733000000", "label_config": CONFIG,
+                "params": {"login": None, "password": None, "context": None}}
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 200, answer.text
+        # without label_config, the config /setup stored for the project is used
+        again = client.post("/predict", json={k: v for k, v in body.items() if k != "label_config"})
+    out = answer.json()
+    assert out["model_version"] == "ovdet-demo" and again.json()["results"] == out["results"]
+    (prediction,) = out["results"]
+    assert prediction["model_version"] == "ovdet-demo"
+    results = prediction["result"]
+    assert len(results) == len(want)
+    for r, box, score, name in zip(results, want.xyxy, want.confidence, want.data["class_name"]):
+        assert r["type"] == "rectanglelabels" and r["from_name"] == "label" and r["to_name"] == "image"
+        assert (r["original_width"], r["original_height"]) == (w, h)
+        v = r["value"]
+        assert v["rectanglelabels"] == [name]
+        x1, y1, x2, y2 = (float(c) for c in box)
+        assert v["x"] == pytest.approx(100 * x1 / w) and v["y"] == pytest.approx(100 * y1 / h)
+        assert v["width"] == pytest.approx(100 * (x2 - x1) / w) and v["height"] == pytest.approx(100 * (y2 - y1) / h)
+        assert r["score"] == pytest.approx(float(score))
+    assert prediction["score"] == pytest.approx(sum(float(s) for s in want.confidence) / len(want))
+
+
+def test_tasks_outside_the_data_root_or_by_url_get_an_error_each(det, tmp_path, media):
+    (tmp_path / "secret.jpg").write_bytes(SHAPES.read_bytes())
+    (media / "upload" / "1" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    tasks = [{"id": 1, "data": {"image": "/data/upload/1/../../../secret.jpg"}},
+             {"id": 2, "data": {"image": str(tmp_path / "secret.jpg")}},
+             {"id": 3, "data": {"image": "/data/upload/1/link.jpg"}},
+             {"id": 4, "data": {"image": "http://127.0.0.1:9/x.jpg"}},
+             {"id": 5, "data": {"image": "/data/local-files/?d=upload/1/3f2a-shapes.jpg"}},
+             {"id": 6, "data": {"image": "/data/upload/1/missing.jpg"}},
+             {"id": 7, "data": {"text": "no image"}}]
+    with client_for(det, tmp_path, media) as client:
+        out = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).json()["results"]
+    codes = [r.get("error", {}).get("code") for r in out]
+    assert codes == ["outside_data_root"] * 3 + ["urls_disabled", None, "image_not_found", "no_image"]
+    assert out[4]["result"], "the local-files task inside the root is predicted"
+
+
+@pytest.mark.parametrize("xml, code", [
+    ("<View><Image name='i' value='$image'/></View>", "no_rectangle_labels"),
+    ("<View><RectangleLabels name='l' toName='i'><Label value='a'/></RectangleLabels>", "bad_label_config"),
+    ('<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
+     "<View><Image name='i' value='$image'/><RectangleLabels name='l' toName='i'><Label value='&b;'/>"
+     "</RectangleLabels></View>", "bad_label_config"),
+    ("<View>" + " " * 300_000 + "</View>", "label_config_too_large"),
+])
+def test_hostile_or_useless_label_configs_are_refused(xml, code):
+    from ovdet.service.settings import ServiceError
+
+    with pytest.raises(ServiceError) as refused:
+        parse_label_config(xml)
+    assert refused.value.code == code and 400 <= refused.value.status < 500
+
+
+def test_label_config_labels_and_image_key():
+    config = parse_label_config(CONFIG.replace("$image", "$photo"))
+    assert config.labels == ("red circle", "blue square") and config.data_key == "photo"
+    assert (config.from_name, config.to_name) == ("label", "image")
