@@ -4,6 +4,7 @@ the options a job hands engines (DetectorConfig) and what the Ray engine asks it
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ovdet.engines import open_engine
 from ovdet.engines.base import Engine, Runtime, Work
 from ovdet.engines.local import LocalEngine
 from ovdet.engines.ray import RayEngine
-from ovdet.errors import DatasetError
+from ovdet.errors import DatasetError, OutputWriteError
 from ovdet.jobs.evaluate import evaluate, load_dataset
 from ovdet.jobs.relabel import relabel_run
 from ovdet.runs.folder import check_output_folder
@@ -185,6 +186,69 @@ def test_the_ray_engine_starts_its_own_instance_unless_told_a_cluster(monkeypatc
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert _connect(ray, None, quiet=True) and ray.calls[-1]["address"] == "ray://head:10001"
     assert _connect(ray, "auto", quiet=True) and ray.calls[-1]["address"] == "auto"  # --ray-address wins
+
+
+class _CountingDetector(FakeDetector):
+    """FakeDetector that sets an event when its `n`-th batch starts."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.started = threading.Event()
+        self.n = n
+
+    def detect_batch(self, images, conf=None, iou=None, max_det=None, imgsz=None):
+        if self.calls + 1 == self.n:
+            self.started.set()
+        return super().detect_batch(images, conf=conf, iou=iou, max_det=max_det, imgsz=imgsz)
+
+
+def test_the_local_engine_writes_a_batch_while_it_detects_the_next(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    rels = make_images(src, 7)
+    det = _CountingDetector(2)
+    waited: list[bool] = []
+    real = RunWriter.write
+
+    def write(self, rec, image=None):
+        waited.append(det.started.wait(timeout=30))  # in turn (not behind), batch 2 starts only after this returns
+        real(self, rec, image)
+
+    monkeypatch.setattr(RunWriter, "write", write)
+    annotate_folder(src, CLASSES, tmp_path / "out", detector=det, batch=3, quiet=True, save_annotated=True)
+    assert waited[0], "the first batch was not written while the second was detected"
+    assert_exactly_once(tmp_path / "out", set(rels))
+
+
+def test_written_behind_or_in_turn_the_outputs_are_the_same(tmp_path):
+    src = tmp_path / "src"
+    make_images(src, 8)
+    (src / "bad.jpg").write_text("x")
+    for name, engine in (("behind", LocalEngine()), ("in-turn", LocalEngine(write_behind=False))):
+        annotate_folder(src, CLASSES, tmp_path / name, detector=FakeDetector(), batch=3, quiet=True,
+                        save_annotated=True, engine=engine)
+    assert snapshot(tmp_path / "behind") == snapshot(tmp_path / "in-turn")
+    assert [r["image"] for r in journal(tmp_path / "behind")] == sorted(r["image"] for r in journal(tmp_path / "behind"))
+
+
+def test_a_failed_write_behind_stops_the_run_and_a_rerun_finishes_exactly_once(tmp_path, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    rels = make_images(src, 10)
+    real = RunWriter.write
+
+    def write(self, rec, image=None):
+        if self.images_done == 4:
+            raise OSError(28, "No space left on device")
+        real(self, rec, image)
+
+    monkeypatch.setattr(RunWriter, "write", write)
+    with pytest.raises(OutputWriteError) as raised:  # the writer thread's error, raised in the job's thread
+        annotate_folder(src, CLASSES, out, detector=FakeDetector(), batch=3, quiet=True)
+    assert raised.value.errno == 28
+    assert [r["image"] for r in journal(out)] == sorted(rels)[:4]  # in order, nothing after the failure
+    monkeypatch.setattr(RunWriter, "write", real)
+    summary = annotate_folder(src, CLASSES, out, detector=FakeDetector(), batch=3, quiet=True)
+    assert summary.images_already_done == 4 and summary.images_done == 6
+    assert_exactly_once(out, set(rels))
 
 
 def test_a_run_writer_hands_out_keys_once(tmp_path):
