@@ -7,7 +7,8 @@ One run, same weights (random-init yolov8s-worldv2; speed does not depend on the
 bias is set so that ~25 boxes per image pass conf 0.25, like a busy real scene), same 80 class embeddings,
 same imgsz and conf, same folder of generated 640x480 JPEGs; each side runs --repeat times, best kept:
 
-- ovdet:       annotate_folder(..., formats="yolo") (decode threads + batched forward + YOLO txt + journal)
+- ovdet:       annotate_folder(..., formats="yolo") (decode ahead + batched forward + YOLO txt and journal written
+               behind); --only-ovdet: only this, written behind vs in turn (LocalEngine(write_behind=False))
 - ultralytics: for r in YOLOWorld.predict(source=folder, stream=True): r.save_txt(...), at its default
                batch (1) and at the same batch as ovdet
 - model only:  the limit: the detector's forward + NMS on pre-decoded, pre-letterboxed batches, and
@@ -67,11 +68,15 @@ def detector(ckpt: Path, args: argparse.Namespace, imgsz: int) -> OVDetector:
     return det
 
 
-def bench_ovdet(det: OVDetector, src: Path, out: Path, args: argparse.Namespace) -> float:
+def bench_ovdet(det: OVDetector, src: Path, out: Path, args: argparse.Namespace, behind: bool = True) -> float:
+    """annotate_folder's images/s; `behind=False`: the local engine writes each batch in turn (before #23)."""
+    from ovdet.engines.local import LocalEngine
+
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    s = annotate_folder(src, NAMES, out, formats="yolo", detector=det, imgsz=args.imgsz, conf=args.conf,
-                        batch=args.batch, quiet=True)
+    s = annotate_folder(src, NAMES, out, formats=args.formats, detector=det, imgsz=args.imgsz, conf=args.conf,
+                        batch=args.batch, quiet=True, save_annotated=args.save_annotated,
+                        engine=LocalEngine(write_behind=behind))
     seconds = time.perf_counter() - t
     assert s.images_done == args.images, s
     return args.images / seconds
@@ -154,6 +159,10 @@ def main() -> None:
     parser.add_argument("--backend", default="torch",
                         help="ovdet's backend (torch: the per-call overhead against ultralytics' torch predict; "
                              "benchmarks/bench_backends.py compares the backends)")
+    parser.add_argument("--formats", default="yolo", help="annotate's datasets (e.g. coco,yolo,voc,jsonl)")
+    parser.add_argument("--save-annotated", action="store_true", help="annotate also writes preview JPEGs")
+    parser.add_argument("--only-ovdet", action="store_true",
+                        help="only annotate, written behind vs in turn (no ultralytics, no model-only rows)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per side; the best is reported")
     parser.add_argument("--rss", default="1000,5000", help="folder sizes for the peak-RSS runs ('' to skip)")
     parser.add_argument("--rss-imgsz", type=int, default=160)
@@ -194,6 +203,9 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
         finally:
             torch.set_num_threads(NUM_THREADS)
 
+    if args.only_ovdet:
+        pipeline_only(det, src, work, args)
+        return
     best = [0.0] * 6
     for _ in range(args.repeat):  # best of N, sides interleaved: a shared machine's load hits all alike
         got = [bench_ovdet(det, src, work / "out_ovdet", args),
@@ -215,6 +227,20 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     print("| --- | ---: | ---: |")
     for name, ips in zip(names, best):
         print(f"| {name} | {ips:.2f} | {best[0] / ips:.2f}× |")
+
+
+def pipeline_only(det: OVDetector, src: Path, work: Path, args: argparse.Namespace) -> None:
+    """The local engine writing behind (its default) vs in turn, interleaved, best of --repeat, same threads."""
+    best = {True: 0.0, False: 0.0}
+    for _ in range(args.repeat):
+        for behind in (False, True):
+            best[behind] = max(best[behind], bench_ovdet(det, src, work / "out_ovdet", args, behind=behind))
+    print(f"\nyolov8s-worldv2 (random init), imgsz {args.imgsz}, batch {args.batch}, formats {args.formats}"
+          f"{' + previews' if args.save_annotated else ''}, {args.images} JPEGs 640x480, torch threads "
+          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, best of {args.repeat}\n")
+    print("| local engine | images/s |\n| --- | ---: |")
+    print(f"| written in turn | {best[False]:.2f} |\n| written behind (default) | {best[True]:.2f} |")
+    print(f"\nbehind / in turn: {best[True] / best[False]:.3f}x")
 
 
 def peak_rss(args: argparse.Namespace, work: Path, sizes: list[int]) -> None:

@@ -9,10 +9,11 @@ Ray's own start (ray.init, the cluster) is outside the timing, its per-run cost 
 weights shipped, one model built per worker and warmed up on its first batches) inside it.
 
 - local:            annotate_folder(...) in this process, torch at --cpus threads, decode threads as default
-- ray, 1 node:      ray.init(num_cpus=--cpus); --cpus workers of 1 CPU (1 torch thread) each
-- ray, 1 worker:    the same node; one worker of --cpus CPUs (--cpus torch threads)
-- ray, 2 nodes:     ray.cluster_utils.Cluster, two nodes of --cpus/2 CPUs, one 1-CPU worker per CPU (simulated
-                    on this machine: the same cores, the nodes' raylets and object stores on top)
+- ray, defaults:    ray.init(num_cpus=--cpus); RayEngine() as `--engine ray` runs it: one worker per node holding
+                    all of its CPUs (here one worker of --cpus CPUs, --cpus torch threads)
+- ray, 1 CPU each:  the same node; --cpus workers of 1 CPU (1 torch thread) each (the default before #23)
+- ray, 2 nodes:     ray.cluster_utils.Cluster, two nodes of --cpus/2 CPUs (simulated on this machine: the same
+                    cores, the nodes' raylets and object stores on top), at defaults (one worker per node)
 
 Overhead = 1 - ray images/s / local images/s.
 """
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2, help="total CPUs (torch threads) on every side")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="torch", help="the detector's backend on every side")
     args = ap.parse_args()
 
     import ray
@@ -82,10 +84,10 @@ def main() -> None:
               f"{args.cpus} CPUs on every side, best of {args.repeat}")
         rows: list[tuple[str, float, float]] = []
 
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         one_node = compare(det, src, tmp, args, {
+            "ray, 1 node, defaults (1 worker, all CPUs)": RayEngine(),
             f"ray, 1 node, {args.cpus} workers x 1 CPU": RayEngine(workers=args.cpus, cpus_per_worker=1),
-            f"ray, 1 node, 1 worker x {args.cpus} CPUs": RayEngine(workers=1, cpus_per_worker=args.cpus),
         })
         ray.shutdown()
         rows += [(name, ips, one_node["local"]) for name, ips in one_node.items()]
@@ -94,7 +96,7 @@ def main() -> None:
         cluster.add_node(num_cpus=args.cpus - args.cpus // 2)
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         two_nodes = compare(det, src, tmp, args, {
-            f"ray, simulated 2 nodes, {args.cpus} workers x 1 CPU": RayEngine(cpus_per_worker=1)})
+            "ray, simulated 2 nodes, defaults (1 worker per node)": RayEngine()})
         ray.shutdown()
         cluster.shutdown()
         rows += [(f"{name} (2-node session)" if name == "local" else name, ips, two_nodes["local"])
