@@ -39,7 +39,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     group.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels, help="largest image, in pixels")
     group.add_argument("--max-images", type=int, default=_DEFAULTS.max_images, help="most images per request")
     group.add_argument("--no-persist", dest="persist", action="store_false",
-                       help="keep stored vocabularies in memory only (default: also under $OVDET_HOME/vocabularies)")
+                       help="keep stored vocabularies in memory only, not also as JSON under $OVDET_HOME/vocabularies")
     add_model_options(parser)
     return parser
 
