@@ -1,8 +1,10 @@
 """Backends side by side at the SAME thread count: ultralytics (torch, and its own baked OpenVINO export) vs ovdet
-on torch, OpenVINO fp32 / bf16 / int8 and ONNX Runtime; detect latency, batch and annotate throughput, set_classes
-warm and cold, first start vs cached start.
+at its defaults (backend and precision auto), on torch, OpenVINO fp32 / bf16 / int8 and ONNX Runtime; detect latency,
+batch and annotate throughput, the model alone (forward passes on pre-letterboxed batches) with its GFLOP/s against
+the CPU's peak for that precision (benchmarks/roofline.py), set_classes warm and cold, first start vs cached start.
 
     python benchmarks/bench_backends.py [--threads 2] [--runs 10] [--images 40] [--imgsz 640] [--static-baked]
+                                        [--sides auto:auto,openvino:fp32,...]
 
 One process, the same weights on every side (random-init yolov8s-worldv2 with the class bias set so that ~25 boxes
 per image pass conf 0.25, as in bench_annotate.py; speed does not depend on the weights' values), the same 80 class
@@ -37,8 +39,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_annotate import world_checkpoint  # noqa: E402
 from bench_core import COCO80, interleaved_median_ms  # noqa: E402
 from conftest import random_embeddings, scene  # noqa: E402
+from roofline import CPU, forward_gflop  # noqa: E402
 
-OVDET_SIDES = [("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
+# ovdet's sides: its defaults first (backend auto, precision auto: OpenVINO, bf16 on CPUs with native bf16), then each
+# backend and precision asked for by name
+OVDET_SIDES = [("auto", "auto"), ("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
                ("onnxruntime", "fp32")]
 
 
@@ -113,8 +118,11 @@ def ovdet_detector(ckpt: Path, backend: str, precision: str, args, text=None):
 
 
 def start_child(args) -> None:
-    """In a fresh process: construct the detector, set 80 embeddings, detect once; print the seconds as JSON."""
+    """In a fresh process, after the imports: construct the detector, set 80 embeddings, detect once; print the
+    seconds as JSON."""
     import torch as _torch
+
+    import ovdet.detector  # noqa: F401 - imports are not part of the start
 
     _torch.set_num_threads(args.threads)
     t = time.perf_counter()
@@ -157,6 +165,9 @@ def main() -> None:
     parser.add_argument("--static-baked", action="store_true",
                         help="ultralytics' OpenVINO export static (its default: every image padded to imgsz x imgsz) "
                              "instead of dynamic")
+    parser.add_argument("--sides", default=None, metavar="B:P,...",
+                        help="ovdet sides to run, as backend:precision (default: " +
+                             ",".join(f"{b}:{p}" for b, p in OVDET_SIDES) + ")")
     parser.add_argument("--workdir", default=None, help="keep generated files here")
     parser.add_argument("--start-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -165,6 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.start_child:
         return start_child(args)
+    if args.sides:
+        OVDET_SIDES[:] = [tuple(side.split(":", 1)) for side in args.sides.split(",")]
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -194,7 +207,7 @@ def run(args, work: Path) -> None:
         det.detect(scene(720, 1280, seed=0))
         dets[(backend, precision)] = det
         log(f"  {backend} {precision}: ready in {time.perf_counter() - t:.1f} s ({det.world.describe()})")
-    embeddings = dets[("torch", "fp32")].world._txt_feats[0].float().cpu()
+    embeddings = next(iter(dets.values())).world._txt_feats[0].float().cpu()
 
     log("ultralytics sides (and its baked OpenVINO export)")
     # dynamic: ultralytics then letterboxes 1280x720 to 640x384 as ovdet does (its default static export pads every
@@ -206,15 +219,17 @@ def run(args, work: Path) -> None:
     uls = {"torch": UltralyticsSide("ultralytics YOLOWorld.predict (torch fp32)", ckpt, COCO80, embeddings, args)}
     uls["ov-f32"] = UltralyticsSide(f"ultralytics predict, own OpenVINO export ({kind}), f32", baked.path, COCO80,
                                     None, args, ov_f32=True)
+    own = "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
     uls["ov-default"] = UltralyticsSide(f"ultralytics predict, own OpenVINO export ({kind}), OpenVINO's default "
-                                        "precision (bf16 on this CPU)", baked.path, COCO80, None, args, ov_f32=False)
+                                        f"precision ({own} on this CPU)", baked.path, COCO80, None, args,
+                                        ov_f32=False)
     ov.Core = real_core
     assert torch.get_num_threads() == args.threads
 
     images = [scene(720, 1280, seed=i) for i in range(max(args.runs, args.batch))]
     sides = [(s.name, s.predict, lambda b, s=s: s.predict(b)) for s in uls.values()]
     for (backend, precision), det in dets.items():
-        sides.append((f"ovdet {backend} {precision}", det.detect, det.detect_batch))
+        sides.append((side_name(det, backend, precision), det.detect, det.detect_batch))
     for _, single, _ in sides:  # warm-up
         single(images[0])
     log("timing single images")
@@ -224,6 +239,8 @@ def run(args, work: Path) -> None:
     batch_ms = [t / args.batch for t in interleaved_median_ms([lambda i, f=f: f(batch) for _, _, f in sides],
                                                     max(3, args.runs // 3))]
     annotate_ips = annotate_all(args, work, uls, dets) if args.images else {}
+    log("timing the model alone")
+    model_only = model_only_throughput(args, dets, images[:args.batch], embeddings)
 
     log("set_classes")
     vocab = vocabulary_switch(dets, text)
@@ -234,13 +251,14 @@ def run(args, work: Path) -> None:
     print(f"\nthreads={args.threads} on every side ({os.cpu_count()} CPUs: {' '.join(caps)}), yolov8s-worldv2 "
           f"(random init), 80 classes, 1280x720 images, imgsz {args.imgsz}, batch {args.batch}, median of "
           f"{args.runs} (batches: {max(3, args.runs // 3)}), torch {torch.__version__}, openvino {ov.__version__}\n")
-    print("| side | detect, ms/image | vs ultralytics torch | detect_batch (8), ms/image | vs | annotate, images/s "
-          "| vs |")
+    print(f"| side | detect, ms/image | vs ultralytics torch | detect_batch ({args.batch}), ms/image | vs | annotate, "
+          "images/s | vs |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (name, _, _), s_ms, b_ms in zip(sides, single_ms, batch_ms):
         ips = annotate_ips.get(name)
         ann = f"{ips:.2f} | {ips / ref_annotate:.2f}×" if ips and ref_annotate else "– | –"
         print(f"| {name} | {s_ms:.1f} | {ref_single / s_ms:.2f}× | {b_ms:.1f} | {ref_batch / b_ms:.2f}× | {ann} |")
+    print_model_only(args, dets, model_only, annotate_ips)
     print("\n| ovdet backend | first start, s | cached start, s | set_classes warm, ms | set_classes cold, ms | "
           "first detect after a vocabulary change, ms | steady detect, ms | exports on vocabulary changes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -249,6 +267,50 @@ def run(args, work: Path) -> None:
         v = vocab[key]
         print(f"| {key[0]} {key[1]} | {first:.1f} | {cached:.1f} | {v['warm']:.2f} | {v['cold']:.0f} | "
               f"{v['first_after']:.1f} | {v['steady']:.1f} | {v['exports']} |")
+
+
+def side_name(det, backend: str, precision: str) -> str:
+    """How a side is named in the tables: the defaults say what they resolved to."""
+    if (backend, precision) == ("auto", "auto"):
+        return f"ovdet defaults ({det.backend} {det.precision})"
+    return f"ovdet {backend} {precision}"
+
+
+def model_only_throughput(args, dets: dict, images: list, embeddings: torch.Tensor) -> dict:
+    """Per ovdet side: images/s of the backend's forward pass alone on one pre-letterboxed batch (no decode, letterbox,
+    NMS or writing), sides interleaved; and the GFLOP of one image's forward pass (the same graph on every side;
+    torch's count agrees with ultralytics' get_flops: 32.7 GFLOP for yolov8s-worldv2 at 640x640)."""
+    batch = next(iter(dets.values())).world.preprocess(images, args.imgsz)
+    txt = embeddings[None]
+    model = next(iter(dets.values())).world.model  # any side's weights: the FLOPs are the graph's, not the runtime's
+    gflop = forward_gflop(model, batch[:1], txt)
+    fns = [lambda i, det=det: det.world.backend.run(batch, txt) for det in dets.values()]
+    for fn in fns:  # warm-up: this batch shape
+        fn(0)
+    ms = interleaved_median_ms(fns, max(3, args.runs // 2))
+    shape = f"{len(images)}x3x{batch.shape[2]}x{batch.shape[3]}"
+    return {"shape": shape, "gflop": gflop, "ips": {key: len(images) * 1000 / t for key, t in zip(dets, ms)}}
+
+
+def print_model_only(args, dets: dict, model_only: dict, annotate_ips: dict) -> None:
+    cpu = CPU.read()
+    print(f"\nthe model alone: forward passes on one pre-letterboxed batch {model_only['shape']}, median of "
+          f"{max(3, args.runs // 2)}; {model_only['gflop']:.1f} GFLOP per image (torch FlopCounterMode, 2 per "
+          f"multiply-add); peak = {min(args.threads, cpu.cores)} cores x {cpu.ghz:.2f} GHz ({cpu.clock_source}) x "
+          "FLOPs per core per cycle (benchmarks/roofline.py)\n")
+    print("| ovdet side | model alone, images/s | annotate / model alone | achieved GFLOP/s | peak GFLOP/s | of peak |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for (backend, precision), det in dets.items():
+        name = side_name(det, backend, precision)
+        ips = model_only["ips"][(backend, precision)]
+        ann = annotate_ips.get(name)
+        achieved = ips * model_only["gflop"]
+        runs = det.precision  # the precision that ran (auto resolved)
+        peak = cpu.peak_gflops(runs, args.threads)
+        how = cpu.per_cycle(runs)[1]
+        ratio = f"{ann / ips:.2f}" if ann else "–"
+        print(f"| {name} | {ips:.2f} | {ratio} | {achieved:.0f} | {peak:.0f} ({runs}: {how}) | "
+              f"{achieved / peak:.0%} |")
 
 
 def annotate_all(args, work: Path, uls: dict, dets: dict) -> dict[str, float]:
@@ -276,7 +338,7 @@ def annotate_all(args, work: Path, uls: dict, dets: dict) -> dict[str, float]:
             best[side.name] = max(best.get(side.name, 0), side.annotate(src, work / "out_ul"))
             torch.set_num_threads(args.threads)
         for (backend, precision), det in dets.items():
-            name = f"ovdet {backend} {precision}"
+            name = side_name(det, backend, precision)
             best[name] = max(best.get(name, 0), ovdet_run(det, work / "out_ovdet"))
         print(f"  annotate pass: {json.dumps({k: round(v, 2) for k, v in best.items()})}", file=sys.stderr,
               flush=True)
