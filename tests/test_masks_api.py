@@ -104,3 +104,23 @@ def test_previews_draw_the_masks(det, image):
     with_masks = draw(image, dets)
     inside = dets.mask.any(axis=0)
     assert np.abs(with_masks.astype(int) - boxes_only.astype(int))[inside].mean() > 10  # tinted where the masks are
+
+
+def test_detect_cli_prints_and_draws_masks(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    import cv2
+
+    from ovdet.cli import main
+
+    shape = Path(__file__).resolve().parents[1] / "samples" / "shapes" / "shape_1.jpg"
+    argv = ["detect", str(shape), "--model", "demo", "--classes", ",".join(CLASSES), "--backend", "torch",
+            "--device", "cpu", "--json"]
+    assert main([*argv, "--masks", "grabcut", "--save", str(tmp_path / "on")]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["detections"] and all(rle.decode(d["segmentation"]).any() for d in row["detections"])
+    assert main([*argv, "--save", str(tmp_path / "off")]) == 0
+    assert all("segmentation" not in d for d in json.loads(capsys.readouterr().out)["detections"])
+    on, off = cv2.imread(str(tmp_path / "on" / "shape_1.jpg")), cv2.imread(str(tmp_path / "off" / "shape_1.jpg"))
+    assert np.abs(on.astype(int) - off.astype(int)).mean() > 0.5  # the masks are drawn

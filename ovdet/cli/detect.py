@@ -29,6 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import cv2
 
+    from ovdet.masks.rle import encode
     from ovdet.media.draw import draw
     from ovdet.media.sources import load_image
 
@@ -45,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"ovdet: skipped {shown(path)}: {shown(exc)}", file=sys.stderr)
             continue
-        rows = [{"class": str(n), "score": round(float(s), 4), "xyxy": [round(float(v), 1) for v in box]}
-                for n, s, box in zip(dets.data["class_name"], dets.confidence, dets.xyxy)]
+        masks = [None] * len(dets) if dets.mask is None else dets.mask  # with --masks: an RLE each in --json
+        rows = [{"class": str(n), "score": round(float(s), 4), "xyxy": [round(float(v), 1) for v in box],
+                 **({} if m is None else {"segmentation": encode(m)})}
+                for n, s, box, m in zip(dets.data["class_name"], dets.confidence, dets.xyxy, masks)]
         if args.json:
             print(json_shown(json.dumps({"image": str(path), "detections": rows}, ensure_ascii=False)))
         else:
