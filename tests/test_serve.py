@@ -141,6 +141,30 @@ def test_bad_inputs_get_4xx_json_and_the_next_request_succeeds(det, tmp_path):
         assert post(upload(SHAPES)).status_code == 200
 
 
+def test_urls_are_fetched_only_when_allowed(det, tmp_path):
+    import functools
+    import http.server
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "shapes.jpg").write_bytes(SHAPES.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/shapes.jpg"
+    try:
+        want = reference(det, SHAPES, conf=0.1)
+        with client_for(det, tmp_path, allow_urls=True) as client:
+            got = client.post("/v1/detect", json={"classes": CLASSES, "conf": 0.1, "urls": [url]})
+            assert got.status_code == 200, got.text
+            assert got.json()["images"][0]["detections"] == want
+            assert_error(client.post("/v1/detect", json={"classes": CLASSES, "urls": [url + ".missing"]}), 400,
+                         "fetch_failed")
+            assert_error(client.post("/v1/detect", json={"classes": CLASSES, "urls": ["ftp://127.0.0.1/x.jpg"]}),
+                         400, "bad_image_ref")
+    finally:
+        server.shutdown()
+
+
 def test_token_is_required_when_set(det, tmp_path):
     with client_for(det, tmp_path, token="s3cret") as client:
         assert_error(client.post("/v1/detect", data={"classes": CLASSES}, files=upload(SHAPES)), 401, "unauthorized")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ovdet.errors import OVDetError
@@ -63,8 +63,7 @@ class ServeSettings:
     url_timeout_s: float = 10.0
     data_root: Path | None = None  # local image paths (Label Studio tasks) are read only under this folder
     persist_vocabularies: bool = True  # vocabularies kept under $OVDET_HOME/vocabularies as JSON
-    model_version: str = "ovdet"
-    extra: dict = field(default_factory=dict)
+    model_version: str = "ovdet"  # what /setup and /predict report to Label Studio
 
     @classmethod
     def token_from_env(cls) -> str | None:
