@@ -64,3 +64,27 @@ def test_an_images_split_does_not_depend_on_the_other_images(tmp_path):
     val_full, val_part = _val_images(tmp_path / "out_full"), _val_images(tmp_path / "out_part")
     assert 0 < len(val_full) < len(rels)
     assert {r for r in kept if r in val_full} == {r for r in kept if r in val_part}
+
+
+def test_the_compiled_model_cache_keeps_two_models_of_one_name_apart(tmp_path, monkeypatch):
+    """Two different weights under the same model name share one OVDET_HOME: each OpenVINO detector computes what
+    the torch path computes on its own weights (a cache key without the weights would serve the first's file)."""
+    import torch
+
+    from conftest import random_embeddings, random_world_model, scene
+    from ovdet.model.world import WorldDetector
+
+    monkeypatch.setenv("OVDET_HOME", str(tmp_path / "home"))
+    images = [scene(96, 128, seed=1)]
+    outputs = []
+    for seed in (0, 1):
+        dets = {name: WorldDetector(random_world_model("yolov8n-worldv2.yaml", seed=seed), "tiny", device="cpu",
+                                    backend=name) for name in ("torch", "openvino")}
+        with torch.inference_mode():
+            for det in dets.values():
+                det.set_text_embeddings(random_embeddings(3, seed=2))
+            ref, got = (det.backend.run(det.preprocess(images, 96), det._txt_feats) for det in dets.values())
+        torch.testing.assert_close(got[:, :4], ref[:, :4], rtol=0, atol=1e-2)
+        torch.testing.assert_close(got[:, 4:], ref[:, 4:], rtol=0, atol=1e-4)
+        outputs.append(ref)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-2)  # the two weights do differ
