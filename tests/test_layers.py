@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runs, datasets", ("ovdet.runs", "ovdet.datasets")),
     ("engines", ("ovdet.engines",)),
     ("jobs, video", ("ovdet.jobs", "ovdet.video")),
-    ("report", ("ovdet.report",)),
+    ("report, service", ("ovdet.report", "ovdet.service")),
     ("commands", ("ovdet.cli",)),
     ("public API", ("ovdet",)),
 ]
