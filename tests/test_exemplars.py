@@ -15,7 +15,7 @@ from PIL import Image
 import ovdet
 from conftest import deny_reading
 from ovdet.errors import ClassSpecError, ImageReadError, InvalidImageError
-from ovdet.text.exemplars import Exemplar, fuse, mean_embedding, parse_exemplar
+from ovdet.text.exemplars import DEFAULT_FUSE, Exemplar, fuse, mean_embedding, parse_exemplar
 from ovdet.text.prompts import parse_classes
 
 
@@ -196,8 +196,8 @@ def test_list_items_join_their_class_and_rows_are_fused(ref):
     rows = spec.embed(encode, encode_exemplars)
     assert texts == [["forklift", "lift truck", "glare"]]  # exemplar-only classes encode no words
     mean = mean_embedding(torch.stack([vector(near.key), vector(far.key)]), [1, 3])
-    assert torch.allclose(rows[0], fuse(vector("forklift")[None], mean, 0.5)[0], atol=1e-6)
-    assert torch.allclose(rows[1], fuse(vector("lift truck")[None], mean, 0.5)[0], atol=1e-6)
+    assert torch.allclose(rows[0], fuse(vector("forklift")[None], mean, DEFAULT_FUSE)[0], atol=1e-6)
+    assert torch.allclose(rows[1], fuse(vector("lift truck")[None], mean, DEFAULT_FUSE)[0], atol=1e-6)
     assert torch.allclose(rows[2], vector(jack.key), atol=1e-6)
     assert torch.allclose(rows[3], vector("glare")) and torch.allclose(rows[4], vector(neg.key), atol=1e-6)
 
@@ -219,7 +219,7 @@ def test_extra_exemplars_argument_and_only_exemplars(ref):
 
 def test_records_for_run_json(ref):
     spec = parse_classes(["car", Exemplar(ref, box=(1, 2, 3, 4), name="car", source="region")])
-    assert spec.record()["classes"] == [{"name": "car", "prompts": ["car"], "conf": None, "fuse": 0.5}]
+    assert spec.record()["classes"] == [{"name": "car", "prompts": ["car"], "conf": None, "fuse": DEFAULT_FUSE}]
     record, = spec.exemplar_records()
     assert record["sha256"] == Exemplar(ref, name="x").sha256 and record["box"] == [1, 2, 3, 4]
     assert record["source"] == "region" and record["class"] == "car"

@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_FUSE", "EXEMPLAR_SOURCES", "Exemplar", "check_count", "file_
            "label", "mean_embedding", "parse_exemplar", "resolved_source"]
 
 EXEMPLAR_SOURCES = ("auto", "region", "clip")  # auto: region, which every detector's weights provide
-DEFAULT_FUSE = 0.5  # the exemplars' share of a class that has both words and exemplars
+DEFAULT_FUSE = 0.3  # the exemplars' share of a class that also has words (benchmarks/bench_exemplars.py: 0.2-0.3 best)
 _BOX_TEXT = re.compile(r"[0-9eE.,+\- ]+")
 
 

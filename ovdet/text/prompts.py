@@ -14,7 +14,7 @@ scored by its best phrasing; `"!reflection"` is a negative prompt. A class file 
       - bicycle: {conf: 0.4}     # a one-key mapping {name: options}
       - name: pallet jack        # exemplars: images (paths relative to this file) and boxes that show the class
         exemplars: [{image: ref.jpg, box: [10, 20, 200, 180]}, crop.jpg]
-        fuse: 0.5                # the exemplars' share when the class also has words; prompts: [] for none
+        fuse: 0.3                # the exemplars' share when the class also has words; prompts: [] for none
 
 `classes:` may also be a mapping `{name: options or null}`, and a whole file may be just a list of classes.
 In Python lists, `ovdet.Exemplar(...)` items join the class of their name (or make one); see ovdet.text.exemplars.
