@@ -1,11 +1,14 @@
-"""Behaviours that tools/mutation_check.py found no test for: the journal reaches the disk, and an image's val split
-does not depend on which other images are in the folder."""
+"""Behaviours that tools/mutation_check.py found no test for: the journal reaches the disk, an image's val split does
+not depend on which other images are in the folder, the compiled-model cache keeps models apart, and the restricted
+unpickler refuses on its own what its pre-scan refuses."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+
+import pytest
 
 from ovdet import annotate_folder
 from test_annotate import CLASSES, FakeDetector, make_images
@@ -88,3 +91,18 @@ def test_the_compiled_model_cache_keeps_two_models_of_one_name_apart(tmp_path, m
         torch.testing.assert_close(got[:, 4:], ref[:, 4:], rtol=0, atol=1e-4)
         outputs.append(ref)
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-2)  # the two weights do differ
+
+
+@pytest.mark.parametrize("name", ["builtins.getattr", "builtins.eval", "builtins.exec", "posix.system", "os.system",
+                                  "subprocess.Popen", "torch.load"])
+def test_the_restricted_unpickler_itself_refuses_globals_outside_the_allowlist(name):
+    """The pre-scan refuses such a pickle first, so only a direct call shows that the unpickler's own allowlist
+    (the second line of defence) is the same one: a GLOBAL opcode naming `name`, nothing else."""
+    from ovdet.weights.safepickle import Refused, RestrictedUnpickler
+    from ovdet.weights.torchzip import TorchArchive
+
+    module, attr = name.rsplit(".", 1)
+    data = b"\x80\x02c" + module.encode() + b"\n" + attr.encode() + b"\n."  # PROTO 2, GLOBAL module name, STOP
+    with pytest.raises(Refused) as refused:
+        RestrictedUnpickler(data, TorchArchive("crafted.pt", None, {})).load()
+    assert refused.value.names == [name]
