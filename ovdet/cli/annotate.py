@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                                   "another split)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (or progress lines) and no summary line")
     add_model_options(p)
+    calib = next(a for a in p._actions if a.dest == "calib")
+    calib.help = "folder of images to calibrate int8 on (default: the folder being annotated)"
     add_tile_options(p)
     ray = p.add_argument_group("engine")
     ray.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
                            gpus_per_worker=args.gpus_per_worker)
     elif args.workers is not None or args.ray_address is not None:
         raise DatasetError("--workers and --ray-address are options of --engine ray; add --engine ray to use them")
+    if args.precision == "int8" and args.calib is None and "://" not in str(args.src):
+        args.calib = args.src  # int8 calibrates on the images it is about to annotate
     from ovdet.jobs.annotate import annotate_folder
 
     summary = annotate_folder(

@@ -138,6 +138,8 @@ def annotate_folder(
     eng = open_engine(engine)
     cfg = (config if config is not None else DetectorConfig()).replace(**options)
     source = eng.source(src, recursive=recursive)
+    if cfg.precision == "int8" and cfg.calib is None and source.folder is not None:
+        cfg = cfg.replace(calib=str(source.folder))  # int8 calibrates on the images it is about to annotate
     if "://" in os.fspath(out):
         raise DatasetError(f"{shown(out)}: --out must be a folder (for --engine ray one that every node mounts at the same "
                            "path); writing the outputs to a URI is not supported")
