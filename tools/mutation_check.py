@@ -145,7 +145,8 @@ MUTATIONS: list[Mutation] = [
     M("unpickler-allowlist-widened", "ovdet/weights/safepickle.py",
       "    allowed: frozenset[str] = ALLOWED_GLOBALS\n",
       '    allowed: frozenset[str] = ALLOWED_GLOBALS | {"builtins.getattr", "builtins.eval", "posix.system"}\n',
-      ("tests/test_checkpoint.py",),
+      ("tests/test_mutations_caught.py::test_the_restricted_unpickler_itself_refuses_globals_outside_the_allowlist",
+       "tests/test_checkpoint.py"),
       "the restricted unpickler's own allowlist lets getattr/eval/system through (behind the pre-scan)"),
     # --- runs: lock, journal, resume
     M("relabel-threshold-inclusive", "ovdet/jobs/relabel.py",
