@@ -1,13 +1,14 @@
 """The interactive live loop: detect on a camera or stream, show it in a window, react to keys.
 
 Keys: q/Esc quit, space pause, s snapshot (PNG next to the recording), r start/stop recording,
-c type new classes in the terminal (applied on the next frame). Headless mode prints detections.
+c type new classes in the terminal (applied on the next frame). Drag a box with the mouse to add what is in it as
+a new class at once (an exemplar, ovdet.text.exemplars), n to name that class in the terminal, u to undo the last
+class change. Headless mode prints detections.
 The window, the key source and the terminal prompt are injectable, so tests can script a session.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,12 +24,14 @@ from ovdet.errors import ClassSpecError
 from ovdet.options import LIVE_KEYS_HELP as HELP  # defined there so that the CLI parser needs no OpenCV
 from ovdet.media.stream import Result, Tracker, detect_frames
 from ovdet.video.job import Annotator, open_writer
+from ovdet.video.live_classes import DRAG_HELP, Box, LiveClasses, Prompt, ordered
 
 if TYPE_CHECKING:
     from ovdet.detector import OVDetector
 
 KEY_QUIT = (ord("q"), 27)
 KEY_PAUSE, KEY_SNAPSHOT, KEY_RECORD, KEY_CLASSES = ord(" "), ord("s"), ord("r"), ord("c")
+KEY_NAME, KEY_UNDO = ord("n"), ord("u")
 
 
 class Display(Protocol):
@@ -42,21 +45,42 @@ class Display(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `drag() -> (box being dragged or None, box whose drag ended since the last call or None)`, in image
+    # pixels (x1, y1, x2, y2); a display without it offers no box-drag.
+
 
 class CvWindow:
-    """A resizable cv2.imshow window whose title shows the live FPS."""
+    """A resizable cv2.imshow window whose title shows the live FPS; left-drag draws a box (see `drag`)."""
 
     def __init__(self, name: str = "ovdet"):
         self.name = name
         self._opened = False
+        self._anchor: tuple[int, int] | None = None
+        self._current: Box | None = None
+        self._done: Box | None = None
 
     def show(self, image: np.ndarray, title: str) -> None:
         if not self._opened:
             cv2.namedWindow(self.name, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
             cv2.resizeWindow(self.name, image.shape[1], image.shape[0])
+            cv2.setMouseCallback(self.name, self._on_mouse)
             self._opened = True
         cv2.imshow(self.name, image)
         cv2.setWindowTitle(self.name, title)
+
+    def _on_mouse(self, event: int, x: int, y: int, flags: int, param: Any) -> None:
+        """OpenCV's mouse callback (runs inside waitKey); x, y are image pixels."""
+        if event == cv2.EVENT_LBUTTONDOWN:
+            self._anchor, self._current = (x, y), None
+        elif event == cv2.EVENT_MOUSEMOVE and self._anchor is not None:
+            self._current = ordered(*self._anchor, x, y)
+        elif event == cv2.EVENT_LBUTTONUP and self._anchor is not None:
+            self._done, self._anchor, self._current = ordered(*self._anchor, x, y), None, None
+
+    def drag(self) -> tuple[Box | None, Box | None]:
+        """(the box being dragged now, the box of a drag that ended since the last call), image pixels."""
+        done, self._done = self._done, None
+        return self._current, done
 
     def key(self, delay_ms: int) -> int:
         code = cv2.waitKey(max(1, delay_ms))
@@ -69,38 +93,6 @@ class CvWindow:
             cv2.destroyWindow(self.name)
             cv2.waitKey(1)
             self._opened = False
-
-
-class ClassPrompt:
-    """Asks for a new class list in a background thread, so the video keeps running while you type."""
-
-    def __init__(self, ask: Callable[[], str]):
-        self._ask = ask
-        self._thread: threading.Thread | None = None
-        self._answer: str | None = None
-        self._lock = threading.Lock()
-
-    def start(self) -> bool:
-        """Start asking; False if a question is already open."""
-        if self._thread is not None and self._thread.is_alive():
-            return False
-        self._thread = threading.Thread(target=self._run, name="ovdet-class-prompt", daemon=True)
-        self._thread.start()
-        return True
-
-    def _run(self) -> None:
-        try:
-            answer = self._ask()
-        except EOFError:  # no terminal to type in
-            return
-        with self._lock:
-            self._answer = answer
-
-    def poll(self) -> str | None:
-        """The typed line once there is one (taken only once), else None."""
-        with self._lock:
-            answer, self._answer = self._answer, None
-        return answer
 
 
 class Recorder:
@@ -158,18 +150,18 @@ def run_live(detector: OVDetector, source: Source = 0, *, window: bool = True, r
              out_dir: str | Path = ".", track: bool = False, conf: float | None = None,
              display: Display | None = None, ask: Callable[[], str] = _ask_classes,
              echo: Callable[[str], None] = print, live: bool | None = None, read_timeout: float = 10.0,
-             **detect_kw: Any) -> LiveReport:
+             ask_name: Callable[[str], str] | None = None, **detect_kw: Any) -> LiveReport:
     """Run detection on a live source until it ends or the user quits; returns what was done.
 
     `window=False` runs headless and prints one line of detections per frame (Ctrl-C stops).
     `record` starts recording to that path at once; snapshots and later recordings go next to it
-    (or into `out_dir`). `display`, `ask` and `echo` replace the cv2 window, the terminal prompt and
-    printing, e.g. to script a session in tests.
+    (or into `out_dir`). `display`, `ask` (new classes), `ask_name` (the name of a class added by dragging a
+    box) and `echo` replace the cv2 window, the terminal prompts and printing, e.g. to script a session in tests.
     """
     with open_source(source, live=live, read_timeout=read_timeout) as capture:
         session = _Session(detector, capture, display=(display or CvWindow()) if window else None,
                            record=Path(record) if record is not None else None, out_dir=Path(out_dir),
-                           ask=ask, echo=echo)
+                           ask=ask, echo=echo, ask_name=ask_name)
         tracker = Tracker(high_thresh=detector.conf if conf is None else conf, fps=capture.fps or 30.0) \
             if track else None
         results = detect_frames(detector, capture, tracker=tracker, conf=conf, **detect_kw)
@@ -187,12 +179,17 @@ class _Session:
     """State of one live run: pause, recording, snapshots, FPS meter, pending class change."""
 
     def __init__(self, detector: OVDetector, capture: Capture, *, display: Display | None, record: Path | None,
-                 out_dir: Path, ask: Callable[[], str], echo: Callable[[str], None]):
+                 out_dir: Path, ask: Callable[[], str], echo: Callable[[str], None],
+                 ask_name: Callable[[str], str] | None = None):
         self.detector, self.capture, self.display, self.echo = detector, capture, display, echo
+        self.dragging: Box | None = None
+        self.raw: np.ndarray | None = None  # the frame shown, without boxes: what a dragged box is cut from
         self.base = record or out_dir / f"ovdet-live-{datetime.now():%Y%m%d-%H%M%S}.mp4"
-        self.prompt = ClassPrompt(ask)
+        self.prompt = Prompt(ask)
         self.annotate = Annotator()
         self.report = LiveReport()
+        self.classes = LiveClasses(detector, echo, self.report.class_changes,
+                                   **({"ask_name": ask_name} if ask_name is not None else {}))
         self.recorder: Recorder | None = None
         self.paused = False
         self.fps = 0.0
@@ -205,15 +202,17 @@ class _Session:
         shown: np.ndarray | None = None
         clean: np.ndarray | None = None
         if self.display is not None:
-            self.echo(HELP)
+            self.echo(HELP + (f" · {DRAG_HELP}" if hasattr(self.display, "drag") else ""))
         while True:
             self._apply_class_change()
+            self.classes.apply_name()
             if not self.paused or shown is None:
                 result = next(results, None)
                 if result is None:
                     self.echo(f"{self.capture.name}: source ended")
                     return
                 clean = self.annotate(result.frame.image, result.detections)
+                self.raw = result.frame.image
                 self._tick(result)
                 if self.recorder is not None:
                     self.recorder.write(clean, result.frame.captured)
@@ -222,9 +221,14 @@ class _Session:
                     continue
                 shown = self._overlay(clean, result)
             assert self.display is not None and clean is not None
-            self.display.show(shown if not self.paused else _banner(shown, "PAUSED"), self._title())
+            image = shown if not self.paused else _banner(shown, "PAUSED")
+            if self.dragging is not None:
+                image = image.copy()
+                cv2.rectangle(image, self.dragging[:2], self.dragging[2:], (0, 255, 255), 2)
+            self.display.show(image, self._title())
             if not self._handle_key(self.display.key(30 if self.paused else 1), clean):
                 return
+            self._handle_drag()
 
     def _tick(self, result: Result) -> None:
         now = time.monotonic()
@@ -257,18 +261,33 @@ class _Session:
         elif key == KEY_CLASSES:
             if self.prompt.start():
                 self.echo(f"current classes: {', '.join(self.detector.classes)}")
+        elif key == KEY_NAME:
+            self.classes.start_naming()
+        elif key == KEY_UNDO:
+            self.classes.undo()
         return True
+
+    def _handle_drag(self) -> None:
+        """Follow the mouse: the box being dragged is drawn; a finished one becomes a class at once."""
+        drag = getattr(self.display, "drag", None)
+        if drag is None:
+            return
+        self.dragging, done = drag()
+        if done is not None and self.raw is not None:
+            self.classes.add_box(self.raw, done)
 
     def _apply_class_change(self) -> None:
         answer = self.prompt.poll()
         if answer is None or not answer.strip():
             return
         names = [name.strip() for name in answer.split(",")]
+        before = self.classes.current()
         try:
             self.detector.set_classes(names)
         except ClassSpecError as exc:
             self.echo(f"classes unchanged: {exc}")
             return
+        self.classes.history.append(before)  # u undoes it like a change made in the window
         self.report.class_changes.append(names)
         self.echo(f"classes: {', '.join(self.detector.classes)}")
 
