@@ -6,7 +6,7 @@ the one file under ovdet/ that holds it) in a temporary copy of the repository, 
 code (or no longer unique) is reported as "no longer applies", never guessed at. The repository itself is never
 touched: the copy is taken from the committed tree (HEAD, default) or the working tree (--worktree).
 
-    python tools/mutation_check.py                 # all of them (about an hour on 2 cores)
+    python tools/mutation_check.py                 # all of them (15-30 minutes on 2 cores)
     python tools/mutation_check.py --list          # names and where each one applies
     python tools/mutation_check.py -k relabel      # only mutations whose name contains "relabel"
     python tools/mutation_check.py --markdown out.md   # also write the result table to out.md
@@ -52,7 +52,7 @@ MUTATIONS: list[Mutation] = [
       'slots = {"{{TITLE}}": html.escape(title),',
       'slots = {"{{TITLE}}": title,',
       ("tests/test_hostile_report.py",),
-      "the report's <title> is not HTML-escaped (a run folder named </title><script> injects markup)"),
+      "the report's `<title>` is not HTML-escaped (a run folder named `</title><script>` injects markup)"),
     # --- dataset formats
     M("coco-bbox-xyxy", "ovdet/datasets/coco.py",
       '"bbox": [x1, y1, w, h]',
@@ -78,7 +78,7 @@ MUTATIONS: list[Mutation] = [
       "xmin, ymin = round(x1 + 1), round(y1 + 1)",
       "xmin, ymin = round(x1), round(y1)",
       ("tests/test_sinks.py",),
-      "VOC <bndbox> 0-based (VOC counts pixels from 1)"),
+      "VOC `<bndbox>` 0-based (VOC counts pixels from 1)"),
     M("val-split-depends-on-other-images", "ovdet/datasets/splits.py",
       '        return int.from_bytes(digest, "big") < self.fraction * 2.0**64',
       '        order = self.__dict__.setdefault("_order", {})\n'
