@@ -160,7 +160,7 @@ class Exemplar:
         if self._sha256 is None:
             if self.path is not None:
                 try:
-                    self._sha256 = cached_sha256(self.path)
+                    self._sha256 = _file_sha256(self.path)
                 except OSError as exc:
                     raise ImageReadError(f"{self._who}: {shown(self.path)} cannot be read "
                                          f"({shown(exc.strerror or exc)})") from exc
@@ -202,6 +202,23 @@ class Exemplar:
     def __repr__(self) -> str:
         name = "" if self.name is None else f", name={self.name!r}"
         return f"Exemplar({self.describe()}{name})"
+
+
+_HASHES: dict[tuple, str] = {}  # this process's file hashes by (path, size, times, inode): a warm set_classes
+_HASHES_KEPT = 4096              # with many exemplars does one stat per file, no disk memo read
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file: remembered in this process by one stat, else ovdet.util.hashing.cached_sha256."""
+    st = os.stat(path)
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    digest = _HASHES.get(key)
+    if digest is None:
+        digest = cached_sha256(path)
+        if len(_HASHES) >= _HASHES_KEPT:
+            _HASHES.clear()
+        _HASHES[key] = digest
+    return digest
 
 
 def _name(name: Any, negative: bool) -> str | None:
