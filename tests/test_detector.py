@@ -126,10 +126,10 @@ def test_cli_detect_end_to_end(tiny_world_checkpoint, tiny_text_encoder, tmp_pat
     assert record["image"] == str(image) and len(record["detections"]) > 0
     assert {d["class"] for d in record["detections"]} <= {"red circle", "blue square"}
     assert "broken.jpg" in err
-    # the annotated copy has the boxes drawn: on a box's outline it differs from the image JPEG-encoded the same
-    # way (which it would equal pixel for pixel with nothing drawn)
-    saved = cv2.imread(str(tmp_path / "out" / "street.jpg"))
-    plain = cv2.imdecode(cv2.imencode(".jpg", cv2.imread(str(image)))[1], cv2.IMREAD_COLOR)
+    # the annotated copy (a PNG, like its input: lossless) has the boxes drawn: on a box's outline it differs from
+    # the image (which it would equal pixel for pixel with nothing drawn)
+    saved = cv2.imread(str(tmp_path / "out" / "street.png"))
+    plain = cv2.imread(str(image))
     assert saved.shape == plain.shape and not np.array_equal(saved, plain)
     for d in record["detections"][:3]:
         assert outline_difference(saved, plain, d["xyxy"]) > 20, d

@@ -10,7 +10,7 @@ from pathlib import Path
 from ovdet.cli import HelpFormatter
 from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
 from ovdet.util.display import json_shown, shown
-from ovdet.errors import ImageError
+from ovdet.errors import DatasetError, ImageError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_classes_option(parser)
     add_model_options(parser)
     add_tile_options(parser)
-    parser.add_argument("--save", metavar="DIR", default=None, help="write annotated copies of the images here")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="write annotated copies of the images here, each under its input's file name")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     return parser
 
@@ -33,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from ovdet.media.draw import draw
     from ovdet.media.sources import load_image
 
+    saved_as = _saved_names(args.images) if args.save else {}
     det = build_detector(args)
     tiling = {"tile": tile_options(args)} if args.tile is not None else {}
     print(f"ovdet: {shown(det.model_id)} on {det.world.describe()}", file=sys.stderr)
-    failed = 0
+    failed = saved = 0
     for path in args.images:
         try:
             # tiled: the path itself, so a huge file is read in strips instead of decoded whole
@@ -59,5 +61,31 @@ def run(args: argparse.Namespace) -> int:
         if args.save:
             out = Path(args.save)
             out.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(out / (Path(path).stem + ".jpg")), draw(image, dets))
+            if not cv2.imwrite(str(out / saved_as[path]), draw(image, dets)):
+                raise DatasetError(f"Could not write {shown(out / saved_as[path])}: check that {shown(out)} is a "
+                                   "writable folder with free space.")
+            saved += 1
+    if args.save:
+        print(f"ovdet: saved {saved} annotated image{'s' if saved != 1 else ''} to {shown(args.save)}",
+              file=sys.stderr)
     return 1 if failed else 0
+
+
+# the suffixes OpenCV writes; an input of another kind (e.g. .gif) is saved as .png
+_WRITABLE = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _saved_names(images: list[str]) -> dict[str, str]:
+    """Each input's file name in the --save folder: its own name (and suffix, when OpenCV can write it). Two inputs
+    with one name would overwrite each other, so that is refused before anything runs."""
+    names: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for path in images:
+        p = Path(path)
+        name = p.name if p.suffix.lower() in _WRITABLE else p.stem + ".png"
+        if name.lower() in taken and taken[name.lower()] != path:
+            raise DatasetError(f"{shown(taken[name.lower()])} and {shown(path)} would both be saved as {shown(name)}: "
+                               "detect them in separate runs with separate --save folders, or rename one.")
+        taken[name.lower()] = path
+        names[path] = name
+    return names
