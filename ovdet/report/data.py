@@ -3,7 +3,8 @@
 Boxes stay numbers (not pixels on a picture) so the browser redraws them at any threshold. Per image:
 k key, n name, f full image URL and t thumbnail URL (both relative to the report), w/h size, d detections
 [class, score, x1, y1, x2, y2]; eval runs add g ground truth [class, x1, y1, x2, y2], m a matched flag per
-detection and gs the score of the detection matching each ground-truth box (-1: none); see evalstats.
+detection and gs the score of the detection matching each ground-truth box (-1: none); see evalstats. Per class,
+x holds the crops of its exemplars (data: URIs, ovdet.report.exemplars).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import supervision as sv
 
 from ovdet.report.evalstats import confusion, match_image, pr_curves
+from ovdet.report.exemplars import exemplar_thumbnails
 from ovdet.runs.folder import RunFolder
 
 __all__ = ["EVAL_START_CONF", "build_data"]
@@ -80,13 +82,15 @@ def build_data(run: RunFolder, thumbs: Path | None, thumb_errors: dict[str, str]
             targets.append(sv.Detections(xyxy=gb.astype(np.float32), class_id=gc))
         images.append(item)
     settings = {key: run.settings[key] for key in _SHOWN if run.settings.get(key) is not None}
+    shown_by = exemplar_thumbnails(run.settings.get("exemplars"))  # classes given by example: their crops
     data: dict[str, Any] = {
         "version": 1,
         "kind": run.kind,
         "run": str(run.path.resolve()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": settings,
-        "classes": [{"name": n, "floor": f, "start": s, "color": palette.by_idx(i).as_hex()}
+        "classes": [{"name": n, "floor": f, "start": s, "color": palette.by_idx(i).as_hex(),
+                     "x": shown_by.get(n, [])}
                     for i, (n, f, s) in enumerate(zip(run.names, run.floors, start))],
         "images": images,
         "errors": [_skipped(e) for e in run.errors()],

@@ -118,6 +118,9 @@
       const tr = el("tr", { "data-class": i });
       const name = el("td");
       name.append(el("span", { class: "swatch", style: `background:${c.color}` }), document.createTextNode(c.name));
+      for (const uri of c.x || []) {  // the crops this class was shown by (exemplars)
+        name.append(el("img", { class: "exemplar", src: uri, alt: `exemplar of ${c.name}`, title: "exemplar" }));
+      }
       const slider = el("input", { type: "range", min: Math.floor(c.floor * 100) / 100, max: 1, step: 0.01,
         value: c.start, "data-class": i, id: `thr-${i}`, "aria-label": `threshold of ${c.name}` });
       slider.addEventListener("input", () => { thr[i] = Math.max(+slider.value, c.floor); schedule(); });
