@@ -95,3 +95,25 @@ def test_eval_scores_a_class_shown_by_example(ref, data, capsys):
     scores = {c["name"]: c for c in result["classes"]}
     assert set(scores) == {"red circle", "zorblax"} and scores["zorblax"]["dataset_classes"] == ["blue circle"]
     assert scores["zorblax"]["ap50"] > 0.5
+
+
+def test_classes_encode_writes_exemplar_rows(ref, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    from ovdet import OVDetector
+
+    path, box = ref
+    shutil.copy(path, tmp_path / "ref.png")
+    spec = tmp_path / "classes.yaml"
+    spec.write_text(f"classes:\n  - red circle\n  - name: zorblax\n    prompts: []\n"
+                    f"    exemplars: ['ref.png@{box}']\n")
+    assert main(["classes", "encode", str(spec)]) == 2
+    assert "add --model" in capsys.readouterr().err
+    rows = tmp_path / "rows.npy"
+    assert main(["classes", "encode", str(spec), "--model", "demo", "--save", str(rows)]) == 0
+    assert "1 exemplar(s) embedded" in capsys.readouterr().out
+    det = OVDetector("demo", backend="torch")
+    det.set_classes(spec)
+    np.testing.assert_allclose(np.load(rows), det.world._txt_feats[0].float().numpy(), atol=1e-6)

@@ -55,6 +55,12 @@ def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
     from ovdet.util.device import select_device
 
     texts, cache = spec.texts(), EmbeddingCache()
+    detector = None
+    if spec.exemplars and args.model is None:
+        from ovdet.errors import ClassSpecError
+
+        raise ClassSpecError(f"{len(spec.exemplars)} exemplar(s) in the spec: exemplars are embedded by a detector, "
+                             "so add --model (the one that will detect with them, e.g. --model demo).")
     if args.model is not None:
         from ovdet.config import DetectorConfig
         from ovdet.detector import OVDetector
@@ -71,13 +77,15 @@ def _encode(args: argparse.Namespace, spec: ClassSpec) -> int:
         tower.encode(texts)
     print(f"{len(texts)} prompt(s) for {len(spec.classes)} class(es): {cached} already cached, "
           f"{len(texts) - cached} encoded with {shown(identity)}")
+    if spec.exemplars:
+        print(f"{len(spec.exemplars)} exemplar(s) embedded by {shown(detector.model_id)} (cached)")
     print(f"cache: {shown(cache.root)}")
     if args.save:
-        _save(args, spec, cache)
+        _save(args, spec, cache, detector)
     return 0
 
 
-def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
+def _save(args: argparse.Namespace, spec: ClassSpec, cache, detector=None) -> None:
     """Write spec's embedding rows (all cached by now) to args.save."""
     import numpy as np
 
@@ -92,7 +100,13 @@ def _save(args: argparse.Namespace, spec: ClassSpec, cache) -> None:
         state = load_world_checkpoint(resolve_detector(args.model), trust_weights=args.trust_weights)[1] \
             .get(TEXT_ENCODER_KEY)
     tower = LazyTextEncoder(args.text_model, device="cpu", embedded_state=state, cache=cache)
-    rows = spec.embed(tower.encode).float().cpu().numpy()
+    encode_exemplars = None
+    if spec.exemplars and detector is not None:  # cached by now, like the prompts
+        from ovdet.model.exemplar_encoder import ExemplarEncoder
+
+        encode_exemplars = ExemplarEncoder(detector.world, lambda: detector.imgsz, cache, args.text_model,
+                                           embedded_tower=state is not None).encode
+    rows = spec.embed(tower.encode, encode_exemplars).float().cpu().numpy()
     np.save(args.save, rows)
     names = [f"{phrase}" + (" (negative)" if column < 0 else "") for phrase, column in spec.columns]
     print(f"embeddings [{rows.shape[0]}, {rows.shape[1]}] -> {shown(args.save)}  (rows: {shown(', '.join(names))})")
