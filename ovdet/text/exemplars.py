@@ -221,6 +221,17 @@ def _file_sha256(path: Path) -> str:
     return digest
 
 
+class _Naming:
+    """Where check_text's errors about an exemplar's class name come from."""
+
+    @staticmethod
+    def error(problem: str) -> ClassSpecError:
+        return ClassSpecError(f"exemplar: {problem}")
+
+
+_NAMING = _Naming()
+
+
 def _name(name: Any, negative: bool) -> str | None:
     if name is None:
         if not negative:
@@ -232,13 +243,7 @@ def _name(name: Any, negative: bool) -> str | None:
     name = name.strip()
     if not name:
         raise ClassSpecError("An exemplar's class name is blank: name the class it shows, e.g. 'pallet jack'.")
-
-    class _Where:
-        @staticmethod
-        def error(problem: str) -> ClassSpecError:
-            return ClassSpecError(f"exemplar: {problem}")
-
-    return check_text(name, "class name", _Where())
+    return check_text(name, "class name", _NAMING)
 
 
 def _box_text(box: Sequence[float]) -> str:
