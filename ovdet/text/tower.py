@@ -48,6 +48,27 @@ _LAYER_RENAMES = {
 }
 
 
+def map_resblocks(sd: dict[str, Any], layer_key: re.Pattern[str], prefix: str, out: dict[str, Any],
+                  used: set[str]) -> None:
+    """Put an OpenAI CLIP tower's resblock tensors (keys matched by `layer_key`: block index, then the rest) into
+    `out` under transformers' names below `prefix`, splitting attention's in_proj into q, k, v; record each key
+    taken in `used` (the caller refuses any key left over)."""
+    for key, value in sd.items():
+        m = layer_key.match(key)
+        if m is None:
+            continue
+        block, rest = f"{prefix}.{m.group(1)}.", m.group(2)
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = rest.rsplit("_", 1)[1]
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{block}self_attn.{name}_proj.{kind}"] = part
+        elif rest in _LAYER_RENAMES:
+            out[block + _LAYER_RENAMES[rest]] = value
+        else:
+            continue
+        used.add(key)
+
+
 def _bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")  # locates the package without importing it (slow)
     if spec is None or not spec.submodule_search_locations:
@@ -169,20 +190,7 @@ def convert_openai_state_dict(sd: Mapping[str, torch.Tensor],
         "text_projection.weight": sd["text_projection"].t(),
     }
     used = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection"}
-    for key, value in sd.items():
-        m = _LAYER_KEY.match(key)
-        if m is None:
-            continue
-        prefix, rest = f"text_model.encoder.layers.{m.group(1)}.", m.group(2)
-        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            kind = rest.rsplit("_", 1)[1]
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}self_attn.{name}_proj.{kind}"] = part
-        elif rest in _LAYER_RENAMES:
-            out[prefix + _LAYER_RENAMES[rest]] = value
-        else:
-            continue
-        used.add(key)
+    map_resblocks(sd, _LAYER_KEY, "text_model.encoder.layers", out, used)
     unknown = sorted(set(sd) - used)
     if unknown:
         raise WeightsCorruptError(f"The CLIP state dict has text-tower tensors ovdet cannot map to transformers' "

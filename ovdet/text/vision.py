@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdet.errors import ModelError, WeightsCorruptError, WeightsNotFoundError
-from ovdet.text.tower import _read_weights_file
+from ovdet.text.tower import _read_weights_file, map_resblocks
 from ovdet.util.env import is_offline
 from ovdet.util.hashing import state_digest
 
@@ -30,13 +30,6 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "ImageEncoder", "convert_openai_visual_state
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's image normalisation (open_clip OPENAI_DATASET_MEAN)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LAYER_KEY = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.(.+)")
-_LAYER_RENAMES = {
-    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
-}
 _TOP_KEYS = {"visual.class_embedding": "vision_model.embeddings.class_embedding",
              "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
              "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -84,20 +77,7 @@ def convert_openai_visual_state_dict(sd: Mapping[str, torch.Tensor], num_attenti
     out = {new: sd[old] for old, new in _TOP_KEYS.items()}
     out["visual_projection.weight"] = sd["visual.proj"].t()
     used = {*_TOP_KEYS, "visual.proj"}
-    for key, value in sd.items():
-        m = _LAYER_KEY.match(key)
-        if m is None:
-            continue
-        prefix, rest = f"vision_model.encoder.layers.{m.group(1)}.", m.group(2)
-        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            kind = rest.rsplit("_", 1)[1]
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}self_attn.{name}_proj.{kind}"] = part
-        elif rest in _LAYER_RENAMES:
-            out[prefix + _LAYER_RENAMES[rest]] = value
-        else:
-            continue
-        used.add(key)
+    map_resblocks(sd, _LAYER_KEY, "vision_model.encoder.layers", out, used)
     unknown = sorted(set(sd) - used)
     if unknown:
         raise WeightsCorruptError(f"The CLIP image tower has tensors ovdet cannot map to transformers' CLIP: "
