@@ -163,6 +163,8 @@ def test_two_nodes_give_the_local_engines_outputs(cluster, images, demo, referen
     again = annotate_folder(images, CLASSES, out, detector=demo, quiet=True, batch=4, engine="ray")
     assert again.images_done == 0 and again.images_already_done == 22
     assert_same_outputs(out, reference)
+    # Ray Data's usage poller (a driver thread that logs a traceback every 10 s for the rest of the process) is off
+    assert "data-usage-metrics-poller" not in {t.name for t in threading.enumerate()}
 
 
 def _map_workers(c) -> list[psutil.Process]:

@@ -121,6 +121,10 @@ class RayEngine:
 
 
 def _import_ray() -> Any:
+    # Ray's usage telemetry is opt-in for ovdet's users (a user's own setting wins). Left on, Ray Data also starts a
+    # driver thread that asks localhost:9090 for Prometheus counters every 10 s for the rest of the process.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     try:
         import ray
         import ray.data
