@@ -190,6 +190,7 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
         info = {"description": "ovdet relabel", "model": settings.get("model"), "source": settings.get("source")}
         writers, coco = open_dataset_writers(out_path, new_names, fmts, info, ValSplit.from_settings(settings))
         limits = np.array(thresholds, dtype=np.float64)
+        has_masks = settings.get("masks") is not None
         counts: Counter[int] = Counter()
         images = kept = seen = 0
         atomic_write(out_path / ERRORS, b"")
@@ -208,8 +209,10 @@ def relabel_run(run_dir: str | os.PathLike, out: str | os.PathLike, conf: str | 
                 if min_area > 0:
                     wh = rec.boxes[:, 2:] - rec.boxes[:, :2]
                     keep &= wh[:, 0] * wh[:, 1] >= min_area
+                # the run's masks of the kept boxes (a journal line without boxes holds none, even in a masks run)
+                masks = ([] if has_masks else None) if rec.masks is None else [m for m, k in zip(rec.masks, keep) if k]
                 new = ImageRecord(rec.image, rec.path, rec.key, rec.width, rec.height, rec.boxes[keep],
-                                  id_map[rec.class_ids[keep]], rec.scores[keep])
+                                  id_map[rec.class_ids[keep]], rec.scores[keep], masks)
                 for writer in writers:
                     writer.write(new)
                 journal.append(new.to_json(new_names))
