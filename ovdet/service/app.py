@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +20,7 @@ from ovdet.service.http import BodyLimit, error_body
 from ovdet.service.inputs import decode_base64, decode_upload, fetch_image, parse_request_classes
 from ovdet.service.labelstudio import parse_label_config, task_results
 from ovdet.service.metrics import Metrics
+from ovdet.service.page import page
 from ovdet.service.settings import ServeSettings, ServiceError
 from ovdet.service.vocab import VocabularyStore, check_name
 
@@ -168,6 +169,13 @@ def create_app(detector: Any, settings: ServeSettings | None = None,
     @app.get("/v1/vocabularies")
     async def list_vocabularies() -> dict[str, Any]:
         return {"names": store.names()}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def try_it() -> HTMLResponse:
+        """The page to try the detector in a browser (it calls POST /v1/detect; the token, if any, is typed in)."""
+        html, policy = page()
+        return HTMLResponse(html, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                                           "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

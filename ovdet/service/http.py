@@ -15,7 +15,7 @@ from ovdet.service.settings import ServiceError
 
 __all__ = ["BodyLimit", "check_token", "error_body"]
 
-OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 
 
 def error_body(status: int, code: str, message: str) -> dict[str, Any]:
