@@ -334,11 +334,11 @@ def test_class_specs_keep_the_users_names(tiny_detector, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"classes": ["red box", "dog"]}, "classes"),
-    ({"detector": FakeDetector("other@2")}, "model: 'fake@1' -> 'other@2'"),
+    ({"classes": ["red box", "dog"]}, "classes differ: red box, chat noir ü, 交通 灯 → red box, dog"),
+    ({"detector": FakeDetector("other@2")}, "model: fake@1 → other@2"),
     ({"conf": 0.5}, "conf"),
     ({"formats": "coco"}, "formats"),
-    ({"classes": CLASSES + ["!reflection"]}, "classes"),
+    ({"classes": CLASSES + ["!reflection"]}, "negatives: none → reflection"),
 ])
 def test_resume_with_other_settings_is_refused_unless_overwrite(tmp_path, change, match):
     src, out = tmp_path / "src", tmp_path / "out"

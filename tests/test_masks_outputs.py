@@ -189,6 +189,6 @@ def test_annotate_with_grabcut_writes_masks_pycocotools_and_ultralytics_accept(a
 
 
 def test_a_resume_with_other_masks_is_refused(annotated):
-    with pytest.raises(ResumeMismatchError, match="masks: 'grabcut' -> None"):
+    with pytest.raises(ResumeMismatchError, match="masks: grabcut → none"):
         annotate_folder(REPO / "samples" / "shapes", SHAPES, annotated, formats="coco,yolo,jsonl", model="demo",
                         conf=0.1, backend="torch", device="cpu", quiet=True)

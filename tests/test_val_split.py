@@ -89,7 +89,7 @@ def test_resume_gives_the_same_split_and_changing_it_needs_overwrite(src, tmp_pa
     assert summary.images_already_done == 6
     assert split_of(out) == split_of(tmp_path / "clean") and coco_split_of(out) == coco_split_of(tmp_path / "clean")
     assert_exactly_once(out, {r["image"] for r in journal(tmp_path / "clean")})
-    with pytest.raises(ResumeMismatchError, match="val_split: 0.25 -> 0.5"):
+    with pytest.raises(ResumeMismatchError, match="val_split: 0.25 → 0.5"):
         run(src, out, val_split=0.5)
 
 

@@ -40,6 +40,7 @@ from ovdet.runs.folder import JOURNAL as _JOURNAL
 from ovdet.runs.folder import MANIFEST as _MANIFEST
 from ovdet.runs.folder import check_output_folder, clear_outputs
 from ovdet.runs.lock import lock_output
+from ovdet.runs.settings_diff import describe_changes
 from ovdet.runs.write_errors import explain_write_errors
 from ovdet.runs.writer import RunWriter, utf8
 from ovdet.text.prompts import parse_classes
@@ -266,10 +267,10 @@ def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> Non
                 raise DatasetError(f"{shown(manifest)}: unreadable ({shown(exc)}); pass --overwrite to start over") \
                     from exc
             old = {**_ADDED_SETTINGS, **previous.get("settings", {})}
-            diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            diffs = describe_changes(old, settings)
             if diffs:
                 raise ResumeMismatchError(
-                    f"{shown(out)} holds an earlier annotate run with other settings ({'; '.join(diffs)}). "
+                    f"{shown(out)} holds an earlier annotate run with other settings: {'; '.join(diffs)}. "
                     "Re-run with the same settings to resume it, pass --overwrite to start over, "
                     "or choose another --out folder."
                 )
