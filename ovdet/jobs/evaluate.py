@@ -1,4 +1,5 @@
-"""Score a detector on a labelled dataset (YOLO data.yaml or COCO json): COCO-style mAP50 and mAP50-95."""
+"""Score a detector on a labelled dataset (YOLO data.yaml or COCO json): COCO-style mAP50 and mAP50-95 (of masks too,
+when the detector makes masks and the dataset has them: ovdet.jobs.evalmasks)."""
 
 from __future__ import annotations
 
@@ -12,51 +13,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import supervision as sv
-import yaml
 from supervision.metrics import MeanAveragePrecision
 
 from ovdet.errors import DatasetError
+from ovdet.jobs.evaldata import LabelledDataset, LabelledImage, load_dataset
+from ovdet.jobs.evalmasks import MaskTally, detector_masks, prediction_rles
+from ovdet.masks.rle import DATA_KEY as MASK_RLE_KEY
 from ovdet.util.progress import progress as progress_display
 from ovdet.runs.folder import JOURNAL, MANIFEST, check_output_folder, clear_outputs
 from ovdet.runs.lock import lock_output
 from ovdet.runs.journal import ImageRecord, Journal
 from ovdet.util.safeio import atomic_write
-from ovdet.media.sources import IMAGE_EXTENSIONS, list_image_files, prefetch_images
+from ovdet.media.sources import prefetch_images
 from ovdet.tiling import TileSpec, tile_spec
 
 if TYPE_CHECKING:
     from ovdet.detector import OVDetector
 
-
-@dataclass
-class LabelledImage:
-    """One image and its ground truth: boxes (N×4) as YOLO normalized xywh or COCO pixel xyxy, class ids."""
-
-    path: Path
-    boxes: np.ndarray
-    class_ids: np.ndarray
-    normalized: bool
-    iscrowd: np.ndarray | None = None
-
-    def targets(self, shape: tuple[int, ...]) -> sv.Detections:
-        """Ground truth in pixel xyxy for an image of this (H, W, ...) shape."""
-        boxes = self.boxes.astype(np.float64)
-        if self.normalized and len(boxes):
-            h, w = shape[:2]
-            cx, cy, bw, bh = boxes.T
-            boxes = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], axis=1)
-        data = {} if self.iscrowd is None else {"iscrowd": self.iscrowd}
-        return sv.Detections(xyxy=boxes.reshape(-1, 4).astype(np.float32), class_id=self.class_ids.astype(int),
-                             data=data)
-
-
-@dataclass
-class LabelledDataset:
-    """A labelled split: class names (index = class id) and its images."""
-
-    names: list[str]
-    images: list[LabelledImage]
-    source: str
+__all__ = ["ClassScore", "EvalResult", "LabelledDataset", "LabelledImage", "compute_map", "evaluate", "load_dataset",
+           "parse_mapping"]
 
 
 @dataclass
@@ -68,6 +43,8 @@ class ClassScore:
     instances: int
     ap50: float
     ap50_95: float
+    mask_ap50: float | None = None  # with masks (EvalResult.mask_map50)
+    mask_ap50_95: float | None = None
 
 
 @dataclass
@@ -80,18 +57,28 @@ class EvalResult:
     instances: int
     classes: list[ClassScore]
     skipped: list[str] = field(default_factory=list)  # images that could not be read
+    mask_map50: float | None = None  # mask mAP (COCOeval "segm"): None unless the detector and the dataset have masks
+    mask_map50_95: float | None = None
+    masks_note: str = ""  # why there is no mask mAP, when one side has masks
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
-        """A fixed-width table: the overall row, then one row per scored class."""
+        """A fixed-width table: the overall row, then one row per scored class (mask mAP columns with masks)."""
         width = max([len("class"), len("all"), *(len(c.name) for c in self.classes)])
-        rows = [f"{'class':<{width}}  {'images':>6}  {'instances':>9}  {'mAP50':>6}  {'mAP50-95':>8}",
-                f"{'all':<{width}}  {self.images:>6}  {self.instances:>9}  {self.map50:>6.3f}  {self.map50_95:>8.3f}"]
+        masked = self.mask_map50 is not None
+        head = f"  {'mask50':>6}  {'mask50-95':>9}" if masked else ""
+
+        def cells(a: float | None, b: float | None) -> str:
+            return "" if not masked else f"  {a or 0.0:>6.3f}  {b or 0.0:>9.3f}" if a is not None else f"{'':19}"
+
+        rows = [f"{'class':<{width}}  {'images':>6}  {'instances':>9}  {'mAP50':>6}  {'mAP50-95':>8}{head}",
+                f"{'all':<{width}}  {self.images:>6}  {self.instances:>9}  {self.map50:>6.3f}  {self.map50_95:>8.3f}"
+                f"{cells(self.mask_map50, self.mask_map50_95)}"]
         rows += [f"{c.name:<{width}}  {'':>6}  {c.instances:>9}  {c.ap50:>6.3f}  {c.ap50_95:>8.3f}"
-                 for c in self.classes]
-        return "\n".join(rows)
+                 f"{cells(c.mask_ap50, c.mask_ap50_95)}" for c in self.classes]
+        return "\n".join(rows + ([f"masks: {self.masks_note}"] if self.masks_note else []))
 
 
 def compute_map(predictions: Sequence[sv.Detections], targets: Sequence[sv.Detections],
@@ -112,146 +99,6 @@ def compute_map(predictions: Sequence[sv.Detections], targets: Sequence[sv.Detec
                                  ap50_95=float(valid.mean()) if len(valid) else 0.0))
     return EvalResult(map50=float(max(result.map50, 0.0)), map50_95=float(max(result.map50_95, 0.0)),
                       images=len(targets), instances=int(counts.sum()), classes=scores)
-
-
-# ---------------------------------------------------------------- datasets
-
-
-def load_dataset(source: str | Path, split: str = "val") -> LabelledDataset:
-    """A YOLO dataset (data.yaml, or a folder holding one) or a COCO dataset (.json, or a folder holding one)."""
-    path = Path(source)
-    if not path.exists():
-        raise DatasetError(f"{path} does not exist: give a YOLO data.yaml, a COCO annotations .json, or their folder.")
-    if path.is_dir():
-        yamls = sorted(p for p in path.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-        jsons = sorted(path.glob("*.json"))
-        if len(yamls) == 1:
-            path = yamls[0]
-        elif len(jsons) == 1 and not yamls:
-            path = jsons[0]
-        else:
-            raise DatasetError(f"{path} holds {len(yamls)} yaml and {len(jsons)} json files: point to the one "
-                               "data.yaml (YOLO) or annotations .json (COCO) to use.")
-    if path.suffix in (".yaml", ".yml"):
-        return _load_yolo(path, split)
-    if path.suffix == ".json":
-        return _load_coco(path)
-    raise DatasetError(f"{path} is neither a YOLO data.yaml nor a COCO .json file.")
-
-
-def _yolo_names(raw: object, path: Path) -> list[str]:
-    if isinstance(raw, Mapping):
-        try:
-            ids = sorted(int(k) for k in raw)
-        except (TypeError, ValueError) as exc:
-            raise DatasetError(f"{path}: 'names' keys must be class ids 0..N-1.") from exc
-        if ids != list(range(len(ids))):
-            raise DatasetError(f"{path}: 'names' keys must be the class ids 0..N-1 without gaps.")
-        return [str(raw[k] if k in raw else raw[str(k)]) for k in ids]
-    if isinstance(raw, list) and raw:
-        return [str(n) for n in raw]
-    raise DatasetError(f"{path} has no 'names': list the class names, e.g. names: {{0: person, 1: bus}}.")
-
-
-def _yolo_image_files(entry: str, root: Path, path: Path) -> list[Path]:
-    target = Path(entry) if Path(entry).is_absolute() else root / entry
-    if target.is_dir():
-        return list_image_files(target)
-    if target.suffix == ".txt" and target.is_file():  # a list of image paths, relative to the dataset root
-        lines = [ln.strip() for ln in target.read_text().splitlines() if ln.strip()]
-        return [Path(ln) if Path(ln).is_absolute() else (root / ln) for ln in lines]
-    if target.suffix.lower() in IMAGE_EXTENSIONS and target.is_file():
-        return [target]
-    raise DatasetError(f"{path}: split entry {entry!r} -> {target} is not an image folder or list file.")
-
-
-def _load_yolo(path: Path, split: str) -> LabelledDataset:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise DatasetError(f"{path} could not be read as YAML ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path} is not a YOLO data.yaml (expected keys train, val, names).")
-    names = _yolo_names(data.get("names"), path)
-    entries = data.get(split)
-    if not entries:
-        raise DatasetError(f"{path} has no '{split}' split: choose one of "
-                           f"{[k for k in ('train', 'val', 'test') if data.get(k)]} with --split.")
-    root = Path(data["path"]) if data.get("path") else path.parent
-    root = root if root.is_absolute() or not data.get("path") else path.parent / root
-    files = [f for e in (entries if isinstance(entries, list) else [entries])
-             for f in _yolo_image_files(str(e), root, path)]
-    images = []
-    for f in files:
-        boxes, cls = _read_yolo_labels(_label_path(f), len(names))
-        images.append(LabelledImage(f, boxes, cls, normalized=True))
-    return LabelledDataset(names, images, str(path))
-
-
-def _read_yolo_labels(label: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized xywh boxes and class ids of one YOLO label file (missing file = no objects).
-
-    Rows are 'class cx cy w h', or 'class x1 y1 x2 y2 ...' polygons (segment labels), scored by their boxes.
-    """
-    boxes, cls = [], []
-    lines = label.read_text().splitlines() if label.is_file() else []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            values = [float(v) for v in line.split()]
-        except ValueError as exc:
-            raise DatasetError(f"{label}:{n}: not a YOLO label row ('class cx cy w h'): {line!r}.") from exc
-        if len(values) == 5:
-            boxes.append(values[1:])
-        elif len(values) >= 7 and len(values) % 2 == 1:
-            xy = np.array(values[1:]).reshape(-1, 2)
-            (x1, y1), (x2, y2) = xy.min(0), xy.max(0)
-            boxes.append([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
-        else:
-            raise DatasetError(f"{label}:{n}: a row needs 'class cx cy w h' or a polygon, got {len(values)} numbers.")
-        c = values[0]
-        if c != int(c) or not 0 <= c < num_classes:
-            raise DatasetError(f"{label}:{n}: class id {values[0]:g} is not one of the names 0..{num_classes - 1}.")
-        cls.append(int(c))
-    return np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(cls, dtype=int)
-
-
-def _label_path(image: Path) -> Path:
-    """YOLO convention: .../images/x.png -> .../labels/x.txt (last 'images' folder in the path)."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
-
-
-def _load_coco(path: Path) -> LabelledDataset:
-    try:
-        coco = json.loads(path.read_text())
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
-        images_meta = coco["images"]
-        annotations = coco.get("annotations", [])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path} is not a COCO annotations file (needs images, annotations, categories).") from exc
-    names = [str(c["name"]) for c in cats]
-    index = {c["id"]: i for i, c in enumerate(cats)}
-    per_image: dict[int, list[dict]] = {im["id"]: [] for im in images_meta}
-    for ann in annotations:
-        if ann.get("image_id") not in per_image or ann.get("category_id") not in index:
-            raise DatasetError(f"{path}: annotation {ann.get('id')} refers to an unknown image or category.")
-        per_image[ann["image_id"]].append(ann)
-    images = []
-    for meta in images_meta:
-        anns = per_image[meta["id"]]
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        candidates = [path.parent / meta["file_name"], path.parent / "images" / meta["file_name"]]
-        file = next((c for c in candidates if c.exists()), candidates[0])
-        images.append(LabelledImage(file, xyxy, np.array([index[a["category_id"]] for a in anns], dtype=int),
-                                    normalized=False, iscrowd=np.array([int(a.get("iscrowd", 0)) for a in anns])))
-    return LabelledDataset(names, images, str(path))
 
 
 # ---------------------------------------------------------------- running a detector
@@ -331,6 +178,8 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
     detector.set_classes(prompts or None, **extra)
     det_to_cat = np.array([scored.index(p) if p in scored else -1 for p in detector.classes], dtype=int)
     predictions, targets, skipped = [], [], []
+    masks_on = detector_masks(detector)  # the detector makes masks: as RLEs, scored when the dataset has masks too
+    tally = MaskTally() if masks_on and dataset.has_masks else None
     bar = progress_display(total=len(dataset.images), desc="eval", unit="img", quiet=not progress)
     for chunk in _batches(dataset, batch):
         ok = [c for c in chunk if c.error is None]
@@ -338,16 +187,24 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
             if c.error is not None:
                 skipped.append(str(c.source))
                 bar.write(f"ovdet: skipped {c.source}: {c.error}")
-        tiled = {"tile": tiling} if tiling is not None else {}
-        results = detector.detect_batch([c.image for c in ok], conf=conf, iou=iou, **tiled) if ok else []
+        extra = {"tile": tiling} if tiling is not None else {}
+        extra.update({"mask_rle": True} if masks_on else {})
+        results = detector.detect_batch([c.image for c in ok], conf=conf, iou=iou, **extra) if ok else []
         for c, dets in zip(ok, results):
             gt = dataset.images[c.index].targets(c.image.shape)
             gt.class_id = gt_to_cat[gt.class_id] if len(gt) else gt.class_id
             targets.append(gt[gt.class_id >= 0] if len(gt) else gt)
             cats = det_to_cat[dets.class_id] if len(dets) else dets.class_id
             keep = cats >= 0
+            rles = prediction_rles(dets)
+            data = {} if rles is None else {MASK_RLE_KEY: np.array([*rles, None], object)[:-1][keep]}
             predictions.append(sv.Detections(xyxy=dets.xyxy[keep], confidence=dets.confidence[keep],
-                                             class_id=cats[keep]))
+                                             class_id=cats[keep], data=data))
+            if tally is not None:
+                gt_masks = dataset.images[c.index].masks(c.image.shape)
+                tally.add(*c.image.shape[:2], [m for m, k in zip(gt_masks, gt.class_id >= 0) if k],
+                          targets[-1].class_id, targets[-1].data.get("iscrowd"), list(data.get(MASK_RLE_KEY, [])),
+                          predictions[-1].class_id, predictions[-1].confidence)
             if run is not None:
                 run.add(dataset.images[c.index].path, c.image.shape, predictions[-1], targets[-1], scored)
         bar.update(len(chunk))
@@ -358,6 +215,16 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
     for score in result.classes:
         score.dataset_classes = [n for n, p in zip(dataset.names, prompt_of) if p == score.name]
     result.skipped = skipped
+    if tally is not None:
+        masks = tally.scores(len(scored))
+        result.mask_map50, result.mask_map50_95 = masks.map50, masks.map50_95
+        for score in result.classes:
+            score.mask_ap50, score.mask_ap50_95 = masks.per_class.get(scored.index(score.name), (None, None))
+    elif masks_on:
+        result.masks_note = (f"{dataset.source} has no masks (COCO segmentation or YOLO segment labels on every "
+                             "object): no mask mAP")
+    elif dataset.has_masks:
+        result.masks_note = "the dataset has masks: give --masks NAME (e.g. grabcut) to score mask mAP too"
     if run is not None:
         spec = {"classes": [{"name": n, "prompts": [n], "conf": None} for n in scored], "negatives": [],
                 "templates": [], "reduce": "max"}
