@@ -163,7 +163,7 @@ def test_cli_video(tmp_path, tiny_text_encoder, capsys, monkeypatch):
     assert video_props(out) == (6, 128, 96, pytest.approx(8))
     assert len(read_jsonl(jsonl)) == 6
     captured = capsys.readouterr()
-    assert "6 frames" in captured.out and captured.err == ""
+    assert captured.out == "" and "6 frames" in captured.err and f"wrote {jsonl}" in captured.err
     monkeypatch.setenv("OVDET_PROGRESS_SECONDS", "0")
     args = ["video", str(src), "--classes", "person", "--jsonl", str(tmp_path / "q.jsonl"), "--model", str(ckpt),
             "--device", "cpu", "--imgsz", "160"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ovdet.config import DetectorConfig
 from ovdet.masks.names import SEGMENTERS
 from ovdet.options import BACKEND_ENV, BACKENDS, PRECISION_CHOICES
+from ovdet.util.display import shown
 
 if TYPE_CHECKING:  # the detector (torch, ultralytics, transformers) is imported when a command runs, not for --help
     from ovdet.detector import OVDetector
@@ -117,6 +119,13 @@ def detector_from_args(args: argparse.Namespace, **overrides: Any) -> OVDetector
     from ovdet.detector import OVDetector
 
     return OVDetector.from_config(detector_config(args, **overrides))
+
+
+def announce(det: OVDetector, quiet: bool = False) -> OVDetector:
+    """Print the backend line on stderr (what runs the model and why) unless `quiet`; returns `det`."""
+    if not quiet:
+        print(f"ovdet: {shown(det.model_id)} on {det.world.describe()}", file=sys.stderr)
+    return det
 
 
 def backend_words(det: OVDetector) -> str:

@@ -7,8 +7,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, build_detector, class_input,
-                               detector_config, tile_options)
+from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, announce, build_detector,
+                               class_input, detector_config, tile_options)
 from ovdet.util.display import shown
 from ovdet.errors import DatasetError
 from ovdet.options import DATASET_FORMATS as FORMATS
@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
 
         engine = RayEngine(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker)
+        if not args.quiet:  # the backend line of a Ray run: the workers choose, the summary says what ran
+            print(f"ovdet: {shown(str(args.model))} on the Ray workers (--backend {args.backend}, --precision "
+                  f"{args.precision}: each worker resolves auto on its own machine)", file=sys.stderr)
     elif args.workers is not None or args.ray_address is not None:
         raise DatasetError("--workers and --ray-address are options of --engine ray; add --engine ray to use them")
     if args.precision == "int8" and args.calib is None and "://" not in str(args.src):
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = annotate_folder(
         args.src, class_input(args), args.out, formats=args.format, config=detector_config(args),
-        detector=None if args.engine == "ray" else lambda: build_detector(args), batch=args.batch,
+        detector=None if args.engine == "ray" else lambda: announce(build_detector(args), args.quiet),
+        batch=args.batch,
         save_annotated=args.save_annotated, recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet,
         val_split=args.val_split, split_seed=args.split_seed, engine=engine, tile=tile_options(args),
     )

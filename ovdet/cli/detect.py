@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, add_tile_options, build_detector, tile_options
+from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, announce, build_detector,
+                               tile_options)
 from ovdet.util.display import json_shown, shown
 from ovdet.errors import DatasetError, ImageError
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     saved_as = _saved_names(args.images) if args.save else {}
     det = build_detector(args)
     tiling = {"tile": tile_options(args)} if args.tile is not None else {}
-    print(f"ovdet: {shown(det.model_id)} on {det.world.describe()}", file=sys.stderr)
+    announce(det)
     failed = saved = 0
     for path in args.images:
         try:

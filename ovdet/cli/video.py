@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, backend_words, build_detector,
-                               tile_options)
+from ovdet.cli._common import (add_classes_option, add_model_options, add_tile_options, announce, backend_words,
+                               build_detector, tile_options)
+from ovdet.util.display import shown
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -40,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if out is None and args.jsonl is None:
         out = f"{Path(args.input).stem}_ovdet.mp4"
-    det = build_detector(args)
+    det = announce(build_detector(args), args.quiet)
     report = process_video(det, args.input, out, args.jsonl, track=args.track, traces=args.traces,
                            batch=args.batch, progress=not (args.no_progress or args.quiet),
                            **({"tile": tile_options(args)} if args.tile is not None else {}))
     if args.quiet:
         return 0
-    print(f"{report.frames} frames in {report.seconds:.1f} s ({report.fps:.1f} frames/s, {backend_words(det)})")
+    print(f"{report.frames} frames in {report.seconds:.1f} s ({report.fps:.1f} frames/s, {backend_words(det)})",
+          file=sys.stderr)
     for path in (report.out, report.jsonl):
         if path is not None:
-            print(f"wrote {path}")
+            print(f"wrote {shown(path)}", file=sys.stderr)
     return 0

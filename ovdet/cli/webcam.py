@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_classes_option, add_model_options, backend_words, build_detector
+from ovdet.cli._common import add_classes_option, add_model_options, announce, backend_words, build_detector
 from ovdet.options import LIVE_KEYS_HELP as HELP
+from ovdet.util.display import shown
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,12 +32,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ovdet.video.live import run_live
 
-    det = build_detector(args)
+    det = announce(build_detector(args))
     report = run_live(det, args.source, window=not args.no_window, record=args.record, out_dir=args.out_dir,
-                      track=args.track, read_timeout=args.timeout)
+                      track=args.track, read_timeout=args.timeout, data=print,  # detections: stdout
+                      echo=lambda line: print(line, file=sys.stderr))  # messages and prompts: stderr
     rate = report.frames / report.seconds if report.seconds > 0 else 0.0
     print(f"{report.frames} frames in {report.seconds:.1f} s ({rate:.1f} frames/s, {backend_words(det)}), "
-          f"{report.dropped} dropped")
+          f"{report.dropped} dropped", file=sys.stderr)  # stdout is data here: headless, one line per frame
     for path in report.recordings:
-        print(f"recorded {path}")
+        print(f"recorded {shown(path)}", file=sys.stderr)
     return 0

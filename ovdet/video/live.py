@@ -150,18 +150,20 @@ def run_live(detector: OVDetector, source: Source = 0, *, window: bool = True, r
              out_dir: str | Path = ".", track: bool = False, conf: float | None = None,
              display: Display | None = None, ask: Callable[[], str] = _ask_classes,
              echo: Callable[[str], None] = print, live: bool | None = None, read_timeout: float = 10.0,
-             ask_name: Callable[[str], str] | None = None, **detect_kw: Any) -> LiveReport:
+             ask_name: Callable[[str], str] | None = None, data: Callable[[str], None] | None = None,
+             **detect_kw: Any) -> LiveReport:
     """Run detection on a live source until it ends or the user quits; returns what was done.
 
     `window=False` runs headless and prints one line of detections per frame (Ctrl-C stops).
     `record` starts recording to that path at once; snapshots and later recordings go next to it
     (or into `out_dir`). `display`, `ask` (new classes), `ask_name` (the name of a class added by dragging a
     box) and `echo` replace the cv2 window, the terminal prompts and printing, e.g. to script a session in tests.
+    `data` receives the headless detection lines (default: `echo`), so a CLI can keep them apart from messages.
     """
     with open_source(source, live=live, read_timeout=read_timeout) as capture:
         session = _Session(detector, capture, display=(display or CvWindow()) if window else None,
                            record=Path(record) if record is not None else None, out_dir=Path(out_dir),
-                           ask=ask, echo=echo, ask_name=ask_name)
+                           ask=ask, echo=echo, ask_name=ask_name, data=data)
         tracker = Tracker(high_thresh=detector.conf if conf is None else conf, fps=capture.fps or 30.0) \
             if track else None
         results = detect_frames(detector, capture, tracker=tracker, conf=conf, **detect_kw)
@@ -180,8 +182,9 @@ class _Session:
 
     def __init__(self, detector: OVDetector, capture: Capture, *, display: Display | None, record: Path | None,
                  out_dir: Path, ask: Callable[[], str], echo: Callable[[str], None],
-                 ask_name: Callable[[str], str] | None = None):
+                 ask_name: Callable[[str], str] | None = None, data: Callable[[str], None] | None = None):
         self.detector, self.capture, self.display, self.echo = detector, capture, display, echo
+        self.data = data or echo
         self.dragging: Box | None = None
         self.raw: np.ndarray | None = None  # the frame shown, without boxes: what a dragged box is cut from
         self.base = record or out_dir / f"ovdet-live-{datetime.now():%Y%m%d-%H%M%S}.mp4"
@@ -217,7 +220,7 @@ class _Session:
                 if self.recorder is not None:
                     self.recorder.write(clean, result.frame.captured)
                 if self.display is None:
-                    self.echo(_describe(result))
+                    self.data(_describe(result))
                     continue
                 shown = self._overlay(clean, result)
             assert self.display is not None and clean is not None
