@@ -3,8 +3,10 @@
 Boxes stay numbers (not pixels on a picture) so the browser redraws them at any threshold. Per image:
 k key, n name, f full image URL and t thumbnail URL (both relative to the report), w/h size, d detections
 [class, score, x1, y1, x2, y2]; eval runs add g ground truth [class, x1, y1, x2, y2], m a matched flag per
-detection and gs the score of the detection matching each ground-truth box (-1: none); see evalstats. Per class,
-x holds the crops of its exemplars (data: URIs, ovdet.report.exemplars).
+detection and gs the score of the detection matching each ground-truth box (-1: none); see evalstats. A run with
+masks adds p: per detection its mask's outline [x1, y1, x2, y2, ...] in image pixels (ovdet.masks.rle.mask_polygon:
+pieces bridged, holes filled; [] for an empty mask), which the page fills under the box. Per class, x holds the
+crops of its exemplars (data: URIs, ovdet.report.exemplars).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 import supervision as sv
 
+from ovdet.masks.rle import decode, mask_polygon
 from ovdet.report.evalstats import confusion, match_image, pr_curves
 from ovdet.report.exemplars import exemplar_thumbnails
 from ovdet.runs.folder import RunFolder
@@ -42,6 +45,19 @@ def _skipped(record: Any) -> dict[str, str]:
     return {"image": str(record.get("image", record.get("path", "?"))), "reason": str(record.get("reason", ""))}
 
 
+def _outline(rle: dict[str, Any], bbox: list[float]) -> list[float]:
+    """A mask's outline as a flat [x, y, ...] list, 0.1 px, traced in the box's crop (the mask stays inside it)."""
+    mask = decode(rle)  # vetted by run.records()
+    h, w = mask.shape
+    x1, y1 = max(int(bbox[0]) - 1, 0), max(int(bbox[1]) - 1, 0)
+    x2, y2 = min(int(np.ceil(bbox[2])) + 1, w), min(int(np.ceil(bbox[3])) + 1, h)
+    if mask[y1:y2, x1:x2].sum() != mask.sum():  # a mask reaching out of its box: traced whole
+        x1 = y1 = 0
+        x2, y2 = w, h
+    points = mask_polygon(mask[y1:y2, x1:x2]) + (x1, y1)
+    return [round(float(v), 1) for v in points.reshape(-1)]
+
+
 def build_data(run: RunFolder, thumbs: Path | None, thumb_errors: dict[str, str]) -> dict[str, Any]:
     """The report document of `run`; `thumbs` is the thumbnail folder (None: the full images are shown)."""
     is_eval = run.kind == "eval"
@@ -53,6 +69,7 @@ def build_data(run: RunFolder, thumbs: Path | None, thumb_errors: dict[str, str]
     eval_matched: list[list[np.ndarray]] = [[] for _ in range(k)]
     gt_counts = np.zeros(k, int)
     preds: list[sv.Detections] = []
+    masks = run.settings.get("masks") is not None
     targets: list[sv.Detections] = []
     for rec in run.records():
         dets = rec["detections"]
@@ -63,6 +80,8 @@ def build_data(run: RunFolder, thumbs: Path | None, thumb_errors: dict[str, str]
                                                                               run.path),
             "d": [[d["class_id"], d["score"], *(round(v, 1) for v in d["bbox"])] for d in dets],
         }
+        if masks or (dets and "segmentation" in dets[0]):  # a run with masks: every detection has one
+            item["p"] = [_outline(d["segmentation"], d["bbox"]) if "segmentation" in d else [] for d in dets]
         if is_eval:
             gts = rec.get("gt", [])
             pb = np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4)

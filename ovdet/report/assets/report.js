@@ -172,16 +172,21 @@
     if (!EVAL) return;
     $("eval-section").hidden = false;
     const E = D.eval, R = E.result || {};
+    const masked = R.mask_map50 !== null && R.mask_map50 !== undefined;  // mask mAP: the run and the data had masks
     $("eval-summary").textContent = `mAP50 ${fixed3(R.map50)} · mAP50-95 ${fixed3(R.map50_95)} · ` +
-      `${R.images || IMGS.length} images · ${R.instances || 0} objects`;
+      (masked ? `mask mAP50 ${fixed3(R.mask_map50)} · mask mAP50-95 ${fixed3(R.mask_map50_95)} · ` : "") +
+      `${R.images || IMGS.length} images · ${R.instances || 0} objects` + (R.masks_note ? ` · masks: ${R.masks_note}` : "");
     const ap = $("ap-table");
     const head = el("tr");
-    for (const h of ["class", "objects", "AP50", "AP50-95"]) head.append(el("th", { class: h === "class" ? "" : "num" }, h));
+    const cols = ["class", "objects", "AP50", "AP50-95", ...(masked ? ["mask AP50", "mask AP50-95"] : [])];
+    for (const h of cols) head.append(el("th", { class: h === "class" ? "" : "num" }, h));
     ap.append(head);
     for (const c of R.classes || []) {
       const tr = el("tr");
       tr.append(el("td", {}, shown(c.name)), el("td", { class: "num" }, shown(c.instances)),
         el("td", { class: "num" }, fixed3(c.ap50)), el("td", { class: "num" }, fixed3(c.ap50_95)));
+      if (masked) tr.append(el("td", { class: "num" }, c.mask_ap50 === null ? "–" : fixed3(c.mask_ap50)),
+        el("td", { class: "num" }, c.mask_ap50_95 === null ? "–" : fixed3(c.mask_ap50_95)));
       ap.append(tr);
     }
     $("confusion-note").textContent = "Rows: ground truth, columns: predictions, at the thresholds the report " +
@@ -297,10 +302,16 @@
       if (only >= 0 && b[0] !== only) continue;
       g.append(svg("rect", { class: "gt", x: b[1], y: b[2], width: b[3] - b[1], height: b[4] - b[2], "data-class": b[0] }));
     }
-    for (const d of im.d) {
-      if (!kept(d) || (only >= 0 && d[0] !== only)) continue;
+    im.d.forEach((d, j) => {
+      if (!kept(d) || (only >= 0 && d[0] !== only)) return;
       const [c, s, x1, y1, x2, y2] = d;
       const color = EVAL ? "#e11d48" : C[c].color;
+      const outline = im.p && Array.isArray(im.p[j]) ? im.p[j].map(Number) : [];
+      if (outline.length >= 6 && outline.every(Number.isFinite)) {  // the detection's mask, filled under its box
+        let path = "";
+        for (let k = 0; k + 1 < outline.length; k += 2) path += `${k ? "L" : "M"}${outline[k]} ${outline[k + 1]}`;
+        g.append(svg("path", { class: "mask", d: path + "Z", fill: color, "fill-opacity": 0.4, "data-class": c }));
+      }
       g.append(svg("rect", { class: "det", x: x1, y: y1, width: x2 - x1, height: y2 - y1, stroke: color,
         "data-class": c, "data-score": s }));
       const text = `${C[c].name} ${s.toFixed(2)}`, tw = text.length * fs * 0.56, th = fs * 1.3;
@@ -309,7 +320,7 @@
       const t = svg("text", { class: "lbl", x: lx + fs * 0.15, y: ly + fs * 1.0, "font-size": fs });
       t.textContent = text;
       g.append(t);
-    }
+    });
     return g;
   }
   function frame(im, src, fontScale) {
