@@ -19,6 +19,7 @@ from ovdet.datasets.coco import CocoWriter
 from ovdet.datasets.previews import PreviewWriter
 from ovdet.datasets.voc import VocWriter
 from ovdet.datasets.yolo import YoloWriter
+from ovdet.media.draw import draw
 from ovdet.runs.journal import ImageRecord, Journal, checked_image_record, read_journal, repair_journal
 from ovdet.util.safeio import atomic_link, atomic_open, atomic_write, ensure_dir, remove_stale_temp_files
 
@@ -338,5 +339,15 @@ def test_preview_writer(tmp_path):
     writer.write(rec, image)
     out = cv2.imread(str(tmp_path / "prev" / "img.jpg"))
     assert out.shape == image.shape
-    assert not np.array_equal(out, image)  # boxes were drawn
     assert os.listdir(tmp_path / "prev") == ["img.jpg"]
+
+    def jpeg(pixels: np.ndarray) -> np.ndarray:  # what the writer's own encoding makes of these pixels
+        ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, writer.quality])
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+
+    # the preview is the image with the record's boxes drawn, and the boxes really show: along the first box's top
+    # edge (y 5..6, x 12..38) the preview is far from the plain image re-encoded the same way (a JPEG of the
+    # untouched image differs from the original too, so "not equal to the image" would prove nothing)
+    assert np.array_equal(out, jpeg(draw(image, rec.detections(CLASSES))))
+    edge = (slice(5, 7), slice(12, 38))
+    assert np.abs(out[edge].astype(int) - jpeg(image)[edge].astype(int)).mean() > 30
