@@ -1,4 +1,5 @@
-"""Masks after annotate: relabel keeps each kept box's mask in every format (equal to a fresh annotate run's)."""
+"""Masks after annotate: relabel keeps each kept box's mask in every format (equal to a fresh annotate run's); video
+JSONL carries each box's mask as an RLE."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import yaml
 from pycocotools.coco import COCO
 
 from ovdet import annotate_folder
+from ovdet.cli import main
 from ovdet.jobs.relabel import relabel_run
 from ovdet.masks import rle
 from ovdet.runs.journal import read_journal
+from ovdet.video.job import process_video
 from ovdet.weights.registry import DEMO_FILE
 
+from test_capture import BlobDetector, make_video, moving_square_frames
 from test_relabel import _tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +113,61 @@ def test_relabel_keeps_the_runs_masks_for_kept_boxes(masked_run, tmp_path):
             assert line.split()[1:] == orig[i].split()[1:] and int(line.split()[0]) == d["class_id"]
     names = [c["name"] for c in json.loads((out / "coco" / "annotations.json").read_text())["categories"]]
     assert names == ["red circle", "square", "green triangle"]
+
+
+# ----------------------------------------------------------------------------- video JSONL
+
+
+class MaskedBlobDetector(BlobDetector):
+    """BlobDetector with each blob's own pixels as its mask (dense, as OVDetector.detect_batch gives them)."""
+
+    def detect_batch(self, images, conf=None, **kw):
+        out = super().detect_batch(images, conf=conf, **kw)
+        for image, dets in zip(images, out):
+            bright = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) > 200
+            masks = np.zeros((len(dets), *bright.shape), bool)
+            for m, (x1, y1, x2, y2) in zip(masks, dets.xyxy.astype(int)):
+                m[y1:y2, x1:x2] = bright[y1:y2, x1:x2]
+            dets.mask = masks
+        return out
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_video_jsonl_carries_each_boxs_mask_as_an_rle(tmp_path, track):
+    src = make_video(tmp_path / "in.mp4", n=10, size=(160, 120), fps=12)
+    process_video(MaskedBlobDetector(), src, None, tmp_path / "d.jsonl", track=track, batch=3, progress=False)
+    frames = [np.asarray(f) for f in moving_square_frames(10, (160, 120))]
+    records = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    dets = [(r, d) for r in records for d in r["detections"]]
+    assert len(records) == 10 and len(dets) >= 8
+    for record, d in dets:
+        mask = rle.decode(d["segmentation"])
+        assert d["segmentation"]["size"] == [120, 160] and mask.sum() > 20
+        x1, y1, x2, y2 = np.round(d["xyxy"]).astype(int)
+        assert mask[y1:y2, x1:x2].sum() == mask.sum()  # inside its box
+        decoded = cv2.cvtColor(frames[record["frame"]], cv2.COLOR_BGR2GRAY) > 200  # what was drawn (before mp4)
+        assert (mask & decoded).sum() / (mask | decoded).sum() > 0.8
+        assert (d["track_id"] is not None) == track
+    process_video(BlobDetector(), src, None, tmp_path / "plain.jsonl", progress=False)  # no masks: no key
+    assert all("segmentation" not in d for line in (tmp_path / "plain.jsonl").read_text().splitlines()
+               for d in json.loads(line)["detections"])
+
+
+@needs_demo
+def test_cli_video_with_masks_writes_rles(tmp_path):
+    image = cv2.imread(str(REPO / "samples" / "shapes" / "shape_1.jpg"))
+    writer = cv2.VideoWriter(str(tmp_path / "in.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, image.shape[1::-1])
+    for _ in range(4):
+        writer.write(image)
+    writer.release()
+    assert main(["video", str(tmp_path / "in.mp4"), "--model", "demo", "--classes", ",".join(SHAPES), "--masks",
+                 "grabcut", "--jsonl", str(tmp_path / "d.jsonl"), "--conf", "0.1", "--device", "cpu", "--backend",
+                 "torch", "--quiet"]) == 0
+    dets = [d for line in (tmp_path / "d.jsonl").read_text().splitlines() for d in json.loads(line)["detections"]]
+    assert dets
+    for d in dets:
+        mask = rle.decode(d["segmentation"])
+        x1, y1, x2, y2 = d["xyxy"]
+        ys, xs = np.nonzero(mask)  # GrabCut stays inside its box
+        assert len(xs) and xs.min() >= np.floor(x1) - 1 and xs.max() < np.ceil(x2) + 1 and ys.min() >= np.floor(y1) - 1 \
+            and ys.max() < np.ceil(y2) + 1

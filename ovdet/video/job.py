@@ -22,6 +22,8 @@ import supervision as sv
 from ovdet.media.capture import Source, open_source
 from ovdet.media.draw import draw
 from ovdet.errors import VideoOutputError
+from ovdet.masks.rle import DATA_KEY as MASK_RLE_KEY
+from ovdet.masks.rle import encode
 from ovdet.util.progress import progress as progress_display
 from ovdet.media.stream import Result, Tracker, detect_frames
 
@@ -30,13 +32,21 @@ if TYPE_CHECKING:
 
 
 def detections_to_json(detections: sv.Detections) -> list[dict[str, Any]]:
-    """One dict per detection: class, class_id, score, xyxy (pixels) and track_id (None when untracked)."""
+    """One dict per detection: class, class_id, score, xyxy (pixels) and track_id (None when untracked); with masks
+    (--masks) also "segmentation", the mask as a COCO RLE as in annotate's JSONL (ovdet.masks.rle)."""
     names = detections.data.get("class_name", [str(c) for c in detections.class_id])
     ids = detections.tracker_id if detections.tracker_id is not None else [None] * len(detections)
+    if MASK_RLE_KEY in detections.data:
+        masks: list[Any] = [dict(m) for m in detections.data[MASK_RLE_KEY]]
+    elif detections.mask is not None:
+        masks = [encode(m) for m in detections.mask]
+    else:
+        masks = [None] * len(detections)
     return [{"class": str(name), "class_id": int(cid), "score": round(float(score), 4),
-             "xyxy": [round(float(v), 1) for v in box], "track_id": None if tid is None else int(tid)}
-            for name, cid, score, box, tid in zip(names, detections.class_id, detections.confidence,
-                                                  detections.xyxy, ids)]
+             "xyxy": [round(float(v), 1) for v in box], "track_id": None if tid is None else int(tid),
+             **({} if m is None else {"segmentation": m})}
+            for name, cid, score, box, tid, m in zip(names, detections.class_id, detections.confidence,
+                                                     detections.xyxy, ids, masks)]
 
 
 class Annotator:
