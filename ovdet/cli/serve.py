@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ovdet.cli import HelpFormatter
-from ovdet.cli._common import add_model_options, detector_from_args
+from ovdet.cli._common import add_model_options, detector_config, detector_from_args
 from ovdet.service.settings import TOKEN_ENV, ServeConfigError, ServeSettings, check_bind
 from ovdet.util.display import shown
 
@@ -40,6 +40,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     group.add_argument("--max-images", type=int, default=_DEFAULTS.max_images, help="most images per request")
     group.add_argument("--no-persist", dest="persist", action="store_false",
                        help="keep stored vocabularies in memory only, not also as JSON under $OVDET_HOME/vocabularies")
+    ray = parser.add_argument_group("Ray Serve (several replicas, one machine or a cluster)")
+    ray.add_argument("--ray", action="store_true",
+                     help="run the app as a Ray Serve deployment of --replicas copies behind Ray's HTTP proxy "
+                          '(pip install "ovdet[serve,ray]")')
+    ray.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="detector replicas (default: one per GPU of the cluster, else one per node holding its "
+                          "CPUs: a replica's batcher and backend already use every core it gets)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="Ray cluster to run on ('auto', 'ray://head:10001'; default: $RAY_ADDRESS, else a Ray "
+                          "instance of this machine started for the server and stopped with it)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None, metavar="N",
+                     help="CPUs per replica, its backend threads (default: from --replicas and the nodes' CPUs)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None, metavar="N",
+                     help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
     add_model_options(parser)
     return parser
 
@@ -64,6 +78,10 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if args.ray:
+        return run_ray(args, settings)
+    if any(getattr(args, name) is not None for name in _RAY_ONLY):
+        raise ServeConfigError("--replicas, --ray-address, --cpus-per-replica and --gpus-per-replica go with --ray")
     import uvicorn
 
     from ovdet.service import create_app
@@ -74,4 +92,32 @@ def run(args: argparse.Namespace) -> int:
           f"(docs: /docs{', token required' if settings.token else ''})", file=sys.stderr)
     uvicorn.run(create_app(det, settings), host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=30)
+    return 0
+
+
+_RAY_ONLY = ("replicas", "ray_address", "cpus_per_replica", "gpus_per_replica")
+
+
+def run_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
+    """Serve through Ray Serve until SIGINT/SIGTERM, then delete the deployment (and stop the Ray it started)."""
+    import signal
+    import threading
+
+    from ovdet.service.rayserve import deploy
+
+    service = deploy(detector_config(args), settings, host=args.host, port=args.port, address=args.ray_address,
+                     replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                     gpus_per_replica=args.gpus_per_replica)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        each = f"{service.gpus_per_replica:g} GPU" if service.gpus_per_replica else \
+            f"{service.cpus_per_replica:g} CPUs"
+        print(f"ovdet: serving {shown(args.model)} on Ray Serve, {service.replicas} replicas of {each}, at "
+              f"{service.url} (docs: /docs{', token required' if settings.token else ''})", file=sys.stderr)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
     return 0
