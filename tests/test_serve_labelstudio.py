@@ -97,6 +97,27 @@ def test_tasks_outside_the_data_root_or_by_url_get_an_error_each(det, tmp_path, 
     codes = [r.get("error", {}).get("code") for r in out]
     assert codes == ["outside_data_root"] * 3 + ["urls_disabled", None, "image_not_found", "no_image"]
     assert out[4]["result"], "the local-files task inside the root is predicted"
+    # Label Studio 1.23 pairs answers with tasks by position, stores a prediction for each answer with a `result`
+    # (an empty one reads as "the model found nothing", and the task is never asked for again) and skips answers
+    # without one: a task that failed must carry no `result`, so it is retried once its image is readable
+    assert [("result" in r) for r in out] == [False] * 4 + [True] + [False] * 2
+    assert all(r["model_version"] == "ovdet-demo" for r in out)
+
+
+def test_predict_takes_all_the_tasks_label_studio_sends_at_once(det, tmp_path, media):
+    """"Retrieve predictions" sends every selected task in one /predict, and Label Studio stores nothing when the
+    answer is an error: the tasks are not capped at --max-images (images per /v1/detect), only at MAX_TASKS."""
+    from ovdet.service.labelstudio import MAX_TASKS
+
+    tasks = [{"id": i, "data": {"image": "/data/upload/1/3f2a-shapes.jpg"}} for i in range(3)]
+    with client_for(det, tmp_path, media, max_images=2) as client:
+        answer = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert len(results) == 3 and all(r["result"] and r["result"] == results[0]["result"] for r in results)
+        too_many = client.post("/predict", json={"tasks": [{"id": i, "data": {}} for i in range(MAX_TASKS + 1)],
+                                                 "label_config": CONFIG})
+    assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "too_many_tasks"
 
 
 @pytest.mark.parametrize("xml, code", [

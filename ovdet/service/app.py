@@ -18,7 +18,7 @@ from ovdet.errors import OVDetError
 from ovdet.service.batcher import Batcher, Job
 from ovdet.service.http import BodyLimit, error_body
 from ovdet.service.inputs import decode_base64, decode_upload, fetch_image, parse_request_classes
-from ovdet.service.labelstudio import parse_label_config, task_results
+from ovdet.service.labelstudio import MAX_TASKS, failed_task, parse_label_config, task_results
 from ovdet.service.metrics import Metrics
 from ovdet.service.page import page
 from ovdet.service.settings import ServeSettings, ServiceError
@@ -204,9 +204,9 @@ def create_app(detector: Any, settings: ServeSettings | None = None,
         if not isinstance(tasks, list) or not tasks:
             raise ServiceError(400, "no_tasks", "send {\"tasks\": [{\"data\": {\"image\": URL_OR_PATH}}], "
                                "\"label_config\": XML}")
-        if len(tasks) > settings.max_images:
-            raise ServiceError(413, "too_many_images", f"{len(tasks)} tasks, more than this server's cap of "
-                               f"{settings.max_images} per request")
+        if len(tasks) > MAX_TASKS:  # Label Studio sends all selected tasks at once (not --max-images)
+            raise ServiceError(413, "too_many_tasks", f"{len(tasks)} tasks, more than this server's cap of "
+                               f"{MAX_TASKS} per request; select fewer tasks in Label Studio")
         config = parse_label_config(body["label_config"]) if body.get("label_config") else \
             state["projects"].get(str(body.get("project", "")))
         if config is None:
@@ -220,9 +220,9 @@ def create_app(detector: Any, settings: ServeSettings | None = None,
                     raise ServiceError(400, "no_image", f"the task has no data.{config.data_key}")
                 image = await run_in_threadpool(fetch_image, data[config.data_key], settings)
                 outcome = await run(spec, ("labels", config.labels), [image], {})
-            except ServiceError as exc:  # one bad task does not fail the others: it gets no boxes and a reason
-                results.append({"result": [], "score": 0.0, "model_version": settings.model_version,
-                                 "error": error_body(exc.status, exc.code, str(exc))["error"]})
+            except ServiceError as exc:  # one bad task does not fail the others: no prediction, and a reason
+                results.append(failed_task(error_body(exc.status, exc.code, str(exc))["error"],
+                                           settings.model_version))
                 continue
             h, w = image.shape[:2]
             results.append(task_results(outcome.detections[0], w, h, config, settings.model_version))

@@ -12,9 +12,13 @@ from typing import Any
 
 from ovdet.service.settings import ServiceError
 
-__all__ = ["LabelConfig", "MAX_CONFIG_CHARS", "parse_label_config", "task_results"]
+__all__ = ["LabelConfig", "MAX_CONFIG_CHARS", "MAX_TASKS", "failed_task", "parse_label_config", "task_results"]
 
 MAX_CONFIG_CHARS = 256 * 1024
+# Label Studio sends every selected task in one /predict ("Retrieve predictions" on a whole project) and stores
+# nothing when the answer is an error, so the cap is per Label Studio request, well above --max-images; the tasks
+# are read and detected one at a time. Label Studio waits ML_TIMEOUT_PREDICT (100 s by default) for the answer.
+MAX_TASKS = 1000
 _DTD = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 try:  # the hardened parser, when installed; the checks below stand on their own without it
@@ -58,6 +62,13 @@ def parse_label_config(xml: Any) -> LabelConfig:
             return LabelConfig(control.get("name"), to_name, value[1:] if value.startswith("$") else value, labels)
     raise ServiceError(400, "no_rectangle_labels", "the labelling config has no <RectangleLabels> with <Label "
                        "value=...> children on an <Image>; ovdet pre-annotates boxes only")
+
+
+def failed_task(error: dict[str, Any], model_version: str) -> dict[str, Any]:
+    """The answer for a task that could not be predicted (its image unreadable, outside --data-root, ...): the error
+    and no `result` key. Label Studio 1.23 skips an answer without `result` and stores no prediction, so the task is
+    asked for again next time; an empty result would be stored as "the model found nothing" and never retried."""
+    return {"model_version": model_version, "error": error}
 
 
 def task_results(dets: Any, width: int, height: int, config: LabelConfig, model_version: str) -> dict[str, Any]:
