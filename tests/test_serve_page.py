@@ -68,8 +68,7 @@ def server(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def browser():
+def _chromium(*extra: str):
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
     from selenium import webdriver
@@ -78,10 +77,15 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900", "--no-first-run", "--disable-background-networking"):
+                "--window-size=1280,900", "--no-first-run", "--disable-background-networking", *extra):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _chromium()
     yield driver
     driver.quit()
 
@@ -168,3 +172,30 @@ def test_uploaded_image_gets_the_servers_boxes_drawn(server, browser):
     assert len(_dom_rows(browser)) == len(rows)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
     assert errors == []
+
+
+def test_camera_frames_are_sent_until_it_stops(server):
+    from selenium.webdriver.common.by import By
+
+    # Chromium's fake camera (a moving test pattern), allowed without a prompt
+    browser = _chromium("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+    try:
+        browser.get(f"{server}/")
+        _wait(browser, "return !!(window.ovdetPage && window.ovdetPage.ready)")
+        browser.find_element(By.ID, "classes").send_keys(CLASSES)
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "camera").click()
+        _wait(browser, "return window.ovdetPage.answers >= 2")  # the live loop: frame after frame
+        assert browser.execute_script("return window.ovdetPage.error") is None
+        video = browser.execute_script("const v = document.getElementById('video'); "
+                                       "return [v.videoWidth, v.videoHeight]")
+        canvas = browser.execute_script("const c = document.getElementById('canvas'); return [c.width, c.height]")
+        assert video[0] > 0 and canvas == video
+        browser.find_element(By.ID, "camera").click()
+        _wait(browser, "return !window.ovdetPage.busy")
+        time.sleep(0.5)
+        stopped = browser.execute_script("return window.ovdetPage.answers")
+        time.sleep(1.5)
+        assert browser.execute_script("return window.ovdetPage.answers") == stopped
+    finally:
+        browser.quit()

@@ -9,6 +9,7 @@
   const canvas = $("canvas"), ctx = canvas.getContext("2d"), video = $("video"), stage = $("stage");
   const state = { source: null, file: null, answer: null, stream: null, busy: false };
   const page = { floor: FLOOR, palette: PALETTE, requests: 0, answers: 0, draws: 0, shown: [], error: null };
+  Object.defineProperty(page, "busy", { get: () => state.busy });
   window.ovdetPage = page;
 
   function colour(classId) { return PALETTE[((classId % PALETTE.length) + PALETTE.length) % PALETTE.length]; }
@@ -105,7 +106,8 @@
       page.answers += 1;
       draw();
     }
-    if (state.stream && !state.file) setTimeout(detect, 0); // live: the next frame once this one is drawn
+    // live: the next frame once this one is drawn (an error stops the loop until Detect is pressed)
+    if (state.stream && !state.file && !page.error) setTimeout(detect, 0);
   }
 
   async function useFile(file) {
