@@ -178,6 +178,10 @@ def test_a_coco_rle_of_another_size_or_a_huge_polygon_is_refused_when_scored(tmp
         evaluate(MaskOracle(ds), ds, progress=False)
     (tmp_path / "b").mkdir()
     ds = load_dataset(_coco(tmp_path / "b", [[0, 0, 1e12, 0, 1e12, 1e12, -1e12, 5] * 4]))
+    with pytest.raises(DatasetError, match="far outside"):
+        ds.images[0].masks((20, 30, 3))
+    zigzag = [[0.0, 0.0] + [59.0, 39.0, 0.0, 39.0] * 20_000]
+    ds = load_dataset(_coco(tmp_path / "b", zigzag))  # in the image, but an outline of ~2.4 million px
     with pytest.raises(DatasetError, match="px long"):
         ds.images[0].masks((20, 30, 3))
 

@@ -59,6 +59,8 @@ def check_coco_segmentation(seg: Any, where: str) -> Any:
 def _coco_rle(seg: Any, height: int, width: int, where: str) -> dict[str, Any]:
     if isinstance(seg, list):
         polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in seg]
+        if any(((p < (-width, -height)) | (p > (2 * width, 2 * height))).any() for p in polys):
+            raise DatasetError(f"{where}: a segmentation polygon reaches far outside its {width}×{height} image")
         length = sum(float(np.abs(np.diff(np.vstack([p, p[:1]]), axis=0)).max(axis=1).sum()) for p in polys)
         if length > POLYGON_LENGTH:
             raise DatasetError(f"{where}: its segmentation polygons are {length:.0f} px long, more than "
