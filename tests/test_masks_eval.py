@@ -194,8 +194,8 @@ def test_cli_eval_with_masks_prints_and_saves_mask_map(world, boxes_world, tmp_p
     out = json.loads(capsys.readouterr().out)
     assert 0.0 < out["mask_map50"] <= 1.0 and 0.0 <= out["mask_map50_95"] <= out["mask_map50"]
     assert out["masks_note"] == "" and all("mask_ap50" in c for c in out["classes"])
-    saved = json.loads((tmp_path / "run" / "run.json").read_text())["result"]
-    assert saved["mask_map50"] == out["mask_map50"]
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["result"]["mask_map50"] == out["mask_map50"] and saved["settings"]["masks"] == "grabcut"
     dets = [d for r in read_journal(tmp_path / "run" / "predictions.jsonl") for d in r["detections"]]
     assert dets and all(rle.rle_problem(d["segmentation"]) == "" for d in dets)  # the report can draw them
     assert main(["eval", str(world), *args]) == 0

@@ -231,8 +231,15 @@ def _evaluate(detector: OVDetector, dataset: LabelledDataset, classes: Sequence[
         run.finish({"data": dataset.source, "classes": spec, "prompts": prompts, "model": detector.model_id,
                     "imgsz": getattr(detector, "imgsz", None), "conf": float(conf), "iou": float(iou),
                     "formats": ["jsonl"], "tile": tiling.settings() if tiling is not None else None,
-                    "exemplars": [e.record() for e in exemplars]}, result)
+                    "exemplars": [e.record() for e in exemplars], "masks": _segmenter_name(detector)}, result)
     return result
+
+
+def _segmenter_name(detector: Any) -> str | None:
+    """The detector's masks setting as run.json records it (as annotate does): a name, a file, a Segmenter's name."""
+    masks = getattr(getattr(detector, "config", None), "masks", None) if detector_masks(detector) else None
+    return None if masks is None else os.fspath(masks) if isinstance(masks, (str, os.PathLike)) \
+        else str(getattr(masks, "name", masks))
 
 
 class _EvalRun:
