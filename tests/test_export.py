@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import scene
 
-from ovdet import OVDetector
+from ovdet import Exemplar, OVDetector
 from ovdet.cli import main
 from ovdet.errors import ClassSpecError, ModelError
 from ovdet.jobs.export import export_model
@@ -167,6 +167,23 @@ def test_live_onnx_export_runs_in_onnxruntime_with_any_vocabulary(tmp_path, monk
         np.testing.assert_allclose(ours[:, :4], expected.xyxy, atol=1e-2)
         np.testing.assert_allclose(ours[:, 4], expected.confidence, atol=1e-4)
         np.testing.assert_array_equal(ours[:, 5].astype(int), expected.class_id)
+    # a class shown by example is one more row of the same input: the same graph, no re-export
+    ref = tmp_path / "ref.jpg"  # class files name their images relative to themselves
+    ref.write_bytes((ROOT / "samples" / "shapes" / "shape_1.jpg").read_bytes())
+    det.set_classes(["red circle"])
+    box = [int(round(float(v))) for v in det.detect(cv2.imread(str(ref))).xyxy[0]]
+    (tmp_path / "shown.yaml").write_text(
+        f"classes:\n  - name: blue square\n  - name: zorblax\n    prompts: []\n"
+        f"    exemplars: [{{image: ref.jpg, box: {box}}}]\n", encoding="utf-8")
+    assert main(["classes", "encode", "shown.yaml", "--model", "demo", "--save", "emb.npy"]) == 0
+    ours = foreign_runtime_detect(lambda x, t: session.run(None, {"images": x, "txt_feats": t})[0], image,
+                                  np.load("emb.npy"), 160, 0.2)
+    det.set_classes(["blue square", Exemplar(ref, box=tuple(box), name="zorblax")])
+    expected = det.detect(image)
+    assert 1 in expected.class_id.tolist() and len(ours) == len(expected)  # zorblax (the red circles) found
+    np.testing.assert_allclose(ours[:, :4], expected.xyxy, atol=1e-2)
+    np.testing.assert_allclose(ours[:, 4], expected.confidence, atol=1e-4)
+    np.testing.assert_array_equal(ours[:, 5].astype(int), expected.class_id)
 
 
 def test_live_openvino_fp16_export_holds_an_ir_pair_with_the_contract(tmp_path):
