@@ -102,6 +102,17 @@ def test_two_replicas_answer_the_detectors_detections(service):
             assert r["score"] == pytest.approx(float(score), abs=1e-4)
     assert httpx.get(f"{service.url}/", timeout=30).status_code == 200  # the page too
 
+    # a vocabulary stored through one replica is used by both (they share $OVDET_HOME/vocabularies on this machine)
+    path, classes = CASES[0]
+    assert httpx.put(f"{service.url}/v1/vocabularies/shapes", json={"classes": classes}, timeout=60).status_code == 200
+    with ThreadPoolExecutor(4) as pool:
+        named = list(pool.map(lambda _: httpx.post(
+            f"{service.url}/v1/detect", data={"vocabulary": "shapes"}, timeout=120,
+            files={"image": (path.name, path.read_bytes(), "image/jpeg")}), range(8)))
+    for got in named:
+        assert got.status_code == 200, got.text
+        assert [r["class_name"] for r in got.json()["images"][0]["detections"]] == list(wants[0].data["class_name"])
+
 
 def test_ray_options_are_checked_before_anything_starts(capsys):
     from ovdet.cli import main
@@ -112,3 +123,21 @@ def test_ray_options_are_checked_before_anything_starts(capsys):
     assert main(["serve", "--model", "demo", "--ray", "--replicas", "0"]) == 2
     assert "--replicas must be at least 1" in capsys.readouterr().err
     assert not import_serve()[0].is_initialized()
+
+
+def test_vocabulary_stores_on_one_folder_see_each_others_changes(tmp_path):
+    from ovdet.service.settings import ServiceError
+    from ovdet.service.vocab import VocabularyStore
+
+    one, two = VocabularyStore(tmp_path), VocabularyStore(tmp_path)  # two replicas' stores
+    one.put("shapes", "red circle")
+    assert two.get("shapes")["classes"] == "red circle" and two.names() == ["shapes"]
+    version = two.get("shapes")["version"]
+    one.put("shapes", "red circle,blue square")
+    again = two.get("shapes")
+    assert again["classes"] == "red circle,blue square" and again["version"] != version
+    assert two.get("shapes")["version"] == again["version"]  # unchanged file: same version
+    two.delete("shapes")
+    with pytest.raises(ServiceError) as refused:
+        one.get("shapes")
+    assert refused.value.status == 404 and one.names() == []
