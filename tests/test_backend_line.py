@@ -31,7 +31,7 @@ def test_the_backend_line_comes_first_on_stderr(command, data, tmp_path, capsys)
         "annotate": ["annotate", str(REPO / "samples" / "shapes"), "--out", str(tmp_path / "out")],
         "video": ["video", video, "--jsonl", str(tmp_path / "v.jsonl"), "--no-progress"],
         "webcam": ["webcam", "--source", video, "--no-window"],
-        "eval": ["eval", str(data), "--quiet"],
+        "eval": ["eval", str(data)],
     }[command]
     capsys.readouterr()
     assert main([*args, *DEMO]) == 0

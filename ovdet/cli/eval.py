@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     mapping = parse_mapping(args.map, dataset.names)
     classes = parse_class_names(args.classes) if args.classes else None
     exemplars = [parse_exemplar(text, source=args.exemplar_source) for text in args.exemplar]
-    det = announce(detector_from_args(args))
+    det = announce(detector_from_args(args), args.quiet)
     result = evaluate(det, dataset, classes=classes, mapping=mapping, exemplars=exemplars, conf=args.conf, iou=args.iou,
                       batch=args.batch, progress=not args.quiet, out=args.out, tile=tile_options(args))
     if args.json:
