@@ -81,3 +81,26 @@ def test_browser_shows_the_exemplar_thumbnail(browser, exemplar_run):
         "return Array.from(document.querySelectorAll('#classes img.exemplar'), i => [i.complete, i.naturalWidth])")
     assert shown == [[True, 50]]  # drawn, not blocked by the page's content security policy
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _page_classes(page) -> dict[str, list[str]]:
+    text = page.read_text(encoding="utf-8")
+    data = json.loads(text.split('<script id="ovdet-data" type="application/json">', 1)[1].split("</script>", 1)[0])
+    return {c["name"]: c["x"] for c in data["classes"]}
+
+
+def test_relabel_moves_the_exemplars_to_the_new_name_and_drops_them_with_their_class(exemplar_run, tmp_path):
+    from ovdet.jobs.relabel import relabel_run
+    from ovdet.report import write_report
+
+    run = exemplar_run.parent
+    old = json.loads((run / "run.json").read_text(encoding="utf-8"))["settings"]
+    relabel_run(run, tmp_path / "renamed", rename="thing=widget", quiet=True)
+    new = json.loads((tmp_path / "renamed" / "run.json").read_text(encoding="utf-8"))["settings"]
+    assert [{**e, "class": "thing"} for e in new["exemplars"]] == old["exemplars"]
+    assert [e["class"] for e in new["exemplars"]] == ["widget"]
+    assert [c.get("fuse") for c in new["classes"]["classes"]] == [c.get("fuse") for c in old["classes"]["classes"]]
+    classes = _page_classes(write_report(tmp_path / "renamed", quiet=True))
+    assert "thing" not in classes and len(classes["widget"]) == 1  # the report still shows what it was shown by
+    relabel_run(run, tmp_path / "dropped", drop="thing", quiet=True)
+    assert json.loads((tmp_path / "dropped" / "run.json").read_text(encoding="utf-8"))["settings"]["exemplars"] == []

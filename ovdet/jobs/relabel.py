@@ -137,15 +137,28 @@ def _prepare_out(src: Path, out: Path, overwrite: bool) -> None:
 
 def _new_settings(run: RunFolder, new_names: list[str], id_map: np.ndarray, thresholds: list[float],
                   fmts: Sequence[str]) -> dict[str, Any]:
-    """The run's settings with the relabelled classes, each carrying its threshold (the new run's floor)."""
+    """The run's settings with the relabelled classes, each carrying its threshold (the new run's floor), and the
+    exemplar records moved to their class's new name (those of dropped classes removed)."""
     old = run.settings["classes"]["classes"]
     entries = []
     for new_id, name in enumerate(new_names):
         members = [i for i in range(len(old)) if id_map[i] == new_id]
         prompts = list(dict.fromkeys(p for i in members for p in old[i].get("prompts", [old[i]["name"]])))
-        entries.append({"name": name, "prompts": prompts, "conf": min(thresholds[i] for i in members)})
+        fuse = [old[i]["fuse"] for i in members if "fuse" in old[i]]
+        entries.append({"name": name, "prompts": prompts, "conf": min(thresholds[i] for i in members),
+                        **({"fuse": fuse[0]} if fuse else {})})
     settings = json.loads(json.dumps(run.settings))
     settings["classes"] = {**settings["classes"], "classes": entries}
+    if isinstance(settings.get("exemplars"), list):
+        new_name = {n: (new_names[id_map[i]] if id_map[i] >= 0 else None) for i, n in enumerate(run.names)}
+
+        def moved(record: Any) -> Any:  # a negative exemplar (class None) stays; one of a dropped class goes
+            cls = record.get("class") if isinstance(record, dict) else None
+            if not isinstance(cls, str):
+                return record
+            return {**record, "class": new_name[cls]} if new_name.get(cls) else None
+
+        settings["exemplars"] = [m for m in map(moved, settings["exemplars"]) if m is not None]
     settings["formats"] = list(fmts)
     settings["save_annotated"] = False
     return settings
