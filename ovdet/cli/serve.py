@@ -116,6 +116,9 @@ def run_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
             f"{service.cpus_per_replica:g} CPUs"
         print(f"ovdet: serving {shown(args.model)} on Ray Serve, {service.replicas} replicas of {each}, at "
               f"{service.url} (docs: /docs{', token required' if settings.token else ''})", file=sys.stderr)
+        if service.replicas > 1 and not settings.persist_vocabularies:
+            print("ovdet: --no-persist keeps each replica's stored vocabularies to itself: send classes, or drop "
+                  "--no-persist so the replicas share $OVDET_HOME/vocabularies", file=sys.stderr)
         while not stop.wait(1.0):
             pass
     finally:
