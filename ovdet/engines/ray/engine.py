@@ -149,8 +149,21 @@ def _connect(ray: Any, address: str | None, quiet: bool) -> bool:
                               "`ray start --head` (see the README), or leave --ray-address out and unset RAY_ADDRESS "
                               "to run on a Ray instance of this machine started for the run")
         return True
+    _private_token()
     ray.init(address="local", include_dashboard=False, **kwargs)  # never ray_current_cluster's (anyone's) cluster
     return True
+
+
+def _private_token() -> None:
+    """A token for the Ray instance ovdet starts, in this process's environment (its Ray processes inherit it) when
+    the user has none: Ray 2.60 turns token auth on for new local instances and would otherwise write one to
+    ~/.ray/auth_token, which fails on a read-only home. A user's RAY_AUTH_MODE or token is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+            or (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    import secrets
+
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _sized(engine: RayEngine, ray: Any) -> RayEngine:
