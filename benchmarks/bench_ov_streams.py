@@ -10,7 +10,9 @@ each configuration compiles it with the same INFERENCE_NUM_THREADS and f32, and 
   tput S b=N/S    PERFORMANCE_HINT THROUGHPUT, S streams, the batch split in S parts, S requests in flight
   tput S b=1xN    THROUGHPUT, S streams, one image per request, S requests in flight (AsyncInferQueue)
 and ovdet's detect_batch of the same 8 images end to end (letterbox, forward, NMS), its backend's `throughput` off
-(every batch one LATENCY request, as before) and on (its default: THROUGHPUT streams for batches of 2+).
+(every batch one LATENCY request, as before) and on (its default: THROUGHPUT streams for batches of 2+), and
+`annotate_folder` of --images 1280x720 JPEGs to YOLO labels at batch --batch, off and on (median of max(3, runs/2)
+runs; the label files of both must match).
 Timed calls are interleaved (a shared machine's load hits all alike); medians of --runs.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--images", type=int, default=24, help="JPEGs annotated per timed run (0: no annotate rows)")
     parser.add_argument("--streams", default="2", help="comma-separated stream counts for the THROUGHPUT rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,6 +99,7 @@ def main() -> None:
             diff = float(np.abs(fn(images, txt) - want).max())
             print(f"  {name}: max |diff| vs ovdet today {diff:.2e}", file=sys.stderr, flush=True)
         fns = [lambda i, fn=fn: fn(images, txt) for fn in sides.values()]
+        model_rows = len(fns)
         frames = [scene(720, 1280, seed=i) for i in range(n)]
 
         def detect_batch(throughput: bool):
@@ -107,13 +112,53 @@ def main() -> None:
             fns.append(detect_batch(mode))
             fns[-1](0)  # warm-up
         ms = interleaved_median_ms(fns, args.runs)
+        if args.images:
+            annotate = annotate_rows(det, work, args)
+            sides.update({name: None for name in annotate})
+            ms += [args.batch * 1000 / ips for ips in annotate.values()]  # as ms per batch, like the rows above
         print(f"\nopenvino {ov.__version__} fp32, {args.threads} threads, yolov8s-worldv2 (random init), 80 classes, "
               f"batch {n}x3x{images.shape[2]}x{images.shape[3]}, median of {args.runs}, {os.cpu_count()} CPUs\n")
         print("| configuration | images/s | vs the first row of its group |")
         print("| --- | ---: | ---: |")
         for k, (name, t) in enumerate(zip(sides, ms)):
-            ref = ms[-2] if k >= len(ms) - 2 else ms[0]  # the model alone vs ovdet today; detect_batch vs off
+            # the model alone vs ovdet today; the pairs after it: on vs off
+            ref = ms[k - (k - model_rows) % 2] if k >= model_rows else ms[0]
             print(f"| {name} | {n * 1000 / t:.2f} | {ref / t:.2f}× |")
+
+
+def annotate_rows(det, work: Path, args) -> dict[str, float]:
+    """images/s of annotate_folder with the backend's throughput mode off and on, runs interleaved; their labels
+    must be the same files with the same lines."""
+    import statistics
+    import time
+
+    import cv2
+
+    from ovdet import annotate_folder
+
+    src = work / "frames"
+    src.mkdir()
+    for i in range(args.images):
+        cv2.imwrite(str(src / f"{i:04d}.jpg"), scene(720, 1280, seed=100 + i), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for run in range(max(3, args.runs // 2)):
+        for mode in (False, True):
+            det.world.backend.throughput = mode
+            out = work / f"labels-{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            done = annotate_folder(src, COCO80, out, formats="yolo", detector=det, imgsz=args.imgsz,
+                                   batch=args.batch, quiet=True)
+            rates[mode].append(args.images / (time.perf_counter() - t))
+            assert done.images_done == args.images, done
+    labels = [{f.name: np.loadtxt(f, ndmin=2) for f in (work / f"labels-{m}").rglob("*.txt")
+               if f.parent.name == "labels" and f.stat().st_size} for m in (False, True)]
+    assert labels[0].keys() == labels[1].keys() and labels[0], "throughput mode changed which images have boxes"
+    for name, rows in labels[0].items():  # class, then normalized xywh: the same boxes (1e-4 of the image)
+        assert rows.shape == labels[1][name].shape and np.allclose(rows, labels[1][name], rtol=0, atol=1e-4), name
+    det.world.backend.throughput = True
+    return {f"ovdet annotate_folder ({args.images} JPEGs, batch {args.batch}), throughput "
+            f"{'on (default)' if m else 'off (before)'}": statistics.median(rates[m]) for m in (False, True)}
 
 
 if __name__ == "__main__":
