@@ -9,8 +9,8 @@ compilation of the same IR with OpenVINO's THROUGHPUT hint: its streams share th
 (never more threads in all), the batch is split into one contiguous slice per stream, all slices are in flight at
 once, and the outputs are joined in order. One image (detect, the webcam) keeps the LATENCY compilation: one stream
 with every thread. Both load the same compiled blob (OpenVINO keys its blob by the graph and precision, not by the
-hint). Measured on 2 cores, fp32 yolov8s-worldv2, batches of 8 (benchmarks/bench_ov_streams.py): ~1.2x the images/s
-of one LATENCY request on the whole batch.
+hint). Measured on 2 cores, fp32 yolov8s-worldv2, batches of 8 (benchmarks/bench_ov_streams.py): the model alone
+1.06-1.23x, detect_batch and annotate 1.08-1.11x the images/s of one LATENCY request on the whole batch.
 """
 
 from __future__ import annotations
