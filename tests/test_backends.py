@@ -274,7 +274,7 @@ def test_annotate_int8_end_to_end_records_its_precision_for_resume(demo_trio, mo
     assert json.loads((out / "run.json").read_text())["settings"]["reduced_precision"] == "int8"
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
     assert main([*args, "--precision", "fp32"]) == 2  # detections would differ slightly: not mixed in one run
-    assert "reduced_precision: 'int8' -> None" in capsys.readouterr().err
+    assert "reduced_precision: int8 → none" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])

@@ -235,6 +235,8 @@ def test_classification():
     folder = Path("/data/out")
     assert output_write_error(OSError(errno.ENOSPC, "x"), folder).errno == errno.ENOSPC
     assert "read-only" in str(output_write_error(OSError(errno.EROFS, "x", "/data/out/a"), folder))
+    assert output_write_error(OSError(errno.EROFS, "x", "/home/me/.ray"), folder) is None  # not the output folder's
+    assert output_write_error(OSError(errno.ENOSPC, "x", "/tmp/elsewhere"), folder) is None
     # a permission problem counts only for a path in the output folder (reading an input is another matter)
     assert output_write_error(PermissionError(errno.EACCES, "x", "/data/out/a.txt"), folder) is not None
     assert output_write_error(PermissionError(errno.EACCES, "x", "/models/w.pt"), folder) is None

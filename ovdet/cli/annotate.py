@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         engine = RayEngine(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker)
         if not args.quiet:  # the backend line of a Ray run: the workers choose, the summary says what ran
-            print(f"ovdet: {shown(str(args.model))} on the Ray workers (--backend {args.backend}, --precision "
-                  f"{args.precision}: each worker resolves auto on its own machine)", file=sys.stderr)
+            print(f"ovdet: {shown(str(args.model))} on the Ray workers (--backend {args.backend or 'auto'}, "
+                  f"--precision {args.precision or 'auto'}: each worker resolves auto on its own machine)",
+                  file=sys.stderr)
     elif args.workers is not None or args.ray_address is not None:
         raise DatasetError("--workers and --ray-address are options of --engine ray; add --engine ray to use them")
     if args.precision == "int8" and args.calib is None and "://" not in str(args.src):

@@ -63,7 +63,10 @@ def output_write_error(exc: OSError, folder: str | os.PathLike, finished: str = 
             f"The output folder {shown(folder)} disappeared while ovdet was writing into it (deleted, moved or unmounted; "
             f"{code}{where}). Whatever it held is no longer there. Check the path or mount, then run the same "
             "command again: it resumes from what the folder holds, or starts afresh.", exc.errno)
-    if exc.errno in _FULL or (exc.errno in _ACCESS and (ours or exc.filename is None and exc.errno == errno.EIO)):
+    # a full or read-only filesystem counts unless the error names a path elsewhere (e.g. a library writing into a
+    # read-only home: "the output folder is read-only" would send the user the wrong way)
+    if (exc.errno in _FULL and (ours or exc.filename is None)) \
+            or (exc.errno in _ACCESS and (ours or exc.filename is None and exc.errno == errno.EIO)):
         what, todo = (_FULL | _ACCESS)[exc.errno]
         return OutputWriteError(
             f"Cannot write to {shown(folder)}: {what} ({code}{where}). {finished + ' ' if finished else ''}"
