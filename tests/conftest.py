@@ -24,7 +24,10 @@ from ovdet.model.world import _quiet_ultralytics
 SLOW_FIRST = ("test_ray.py", "test_readme.py", "test_export.py", "test_backends.py", "test_write_errors.py",
               "test_warm_start.py", "test_world.py", "test_annotate.py", "test_notebook.py", "test_checkpoint.py",
               "test_cli_startup.py", "test_hostile_checkpoint.py", "test_train.py", "test_exemplar_detect.py",
-              "test_hostile_configs.py", "test_mutations_caught.py", "test_masks_sam.py", "test_tiling.py")
+              "test_hostile_configs.py", "test_mutations_caught.py", "test_masks_sam.py", "test_tiling.py",
+              # added since (from --durations of a -n 2 run): 40-60 s each
+              "test_serve_ray.py", "test_backend_line.py", "test_openvino_throughput.py", "test_masks_eval.py",
+              "test_serve_page.py")
 
 
 def pytest_collection_modifyitems(config, items):
