@@ -30,6 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc: subprocess.Popen, base: str, log: Path, seconds: float = 240) -> None:
+    """Wait until the server started as `proc` answers GET /health; fails with its log if it exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.5)
+
+
 def test_served_detections_equal_the_detector(tmp_path):
     port = free_port()
     env = dict(os.environ, OVDET_SERVE_TOKEN="t0ken")
@@ -42,16 +56,7 @@ def test_served_detections_equal_the_detector(tmp_path):
         det.set_classes(CLASSES)
         want = det.detect(str(SHAPES))
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+        wait_until_up(proc, base, tmp_path / "server.log")
         files = {"image": ("shapes.jpg", SHAPES.read_bytes(), "image/jpeg")}
         refused = httpx.post(f"{base}/v1/detect", data={"classes": CLASSES}, files=files, timeout=120)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"

@@ -25,15 +25,10 @@ CLASSES = "red circle,blue square"
 TOKEN = "t0ken"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+from test_serve_http import free_port, wait_until_up  # noqa: E402
+
 ROW = re.compile(r"^(.+) (\d\.\d{3}) \[(.*)\]$")
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +42,7 @@ def server(tmp_path_factory):
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp / "server.log").read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+        wait_until_up(proc, base, tmp / "server.log")
         yield base
     finally:
         proc.terminate()
