@@ -191,3 +191,16 @@ def require_module(module: str, install: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ModelError(f"{what} needs the {module!r} package, which is not installed: {install}") from exc
+
+
+def require_installed(module: str, install: str, what: str) -> None:
+    """The ModelError of `require_module` when `module` is not installed, without importing it: for a package that
+    only a build needs (nncf takes ~2 s to import, and a cached int8 model runs without it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ModelError(f"{what} needs the {module!r} package, which is not installed: {install}")

@@ -25,7 +25,7 @@ import torch
 
 from ovdet.backends import graph
 from ovdet.backends.base import Calibration, ExportedBackend
-from ovdet.backends.cache import require_module
+from ovdet.backends.cache import require_installed, require_module
 from ovdet.backends.table import TABLE
 from ovdet.errors import ModelError
 
@@ -81,8 +81,8 @@ class OpenVINOBackend(ExportedBackend):
         if self.precision == "bf16" and "BF16" not in cpu_capabilities():
             raise ModelError("This CPU has no bf16 support (OpenVINO reports "
                              f"{', '.join(cpu_capabilities())}): use precision fp32 or int8.")
-        if self.precision == "int8":
-            require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")
+        if self.precision == "int8":  # said now, imported only if the int8 model has to be built (not cached)
+            require_installed("nncf", INSTALL_INT8, "int8 with the openvino backend")
         self._request = None
         self._folder: Path | None = None
         self._streams = None  # (compiled THROUGHPUT model, its infer requests): made on the first batch of 2+
@@ -183,7 +183,7 @@ def _blob_dir(folder: Path) -> Path | None:
 
 def _quantize(model, calibration: Calibration, txt_feats: torch.Tensor | None):
     """NNCF post-training quantization of the convolutions on the calibration images."""
-    import nncf
+    nncf = require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")
 
     if txt_feats is None:
         raise ModelError("int8 calibrates with the current class embeddings: set the classes before the first "
