@@ -140,3 +140,42 @@ def test_label_config_labels_and_image_key():
     config = parse_label_config(CONFIG.replace("$image", "$photo"))
     assert config.labels == ("red circle", "blue square") and config.data_key == "photo"
     assert (config.from_name, config.to_name) == ("label", "image")
+
+
+def test_predict_stops_when_label_studio_gives_up(det, tmp_path, media, monkeypatch):
+    """Label Studio drops a /predict that outlasts its timeout (100 s) and asks again later: the tasks left are not
+    detected for nobody. The client here has gone once the body is read; one task is done, then the request ends
+    (499, counted in /metrics)."""
+    import json
+
+    calls = []
+    real = det.detect_batch
+    monkeypatch.setattr(det, "detect_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tasks = [{"id": i, "data": {"image": "/data/upload/1/3f2a-shapes.jpg"}} for i in range(5)]
+    body = json.dumps({"tasks": tasks, "label_config": CONFIG}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 9090)}
+
+    async def gone_after_the_body(app) -> list[dict]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    with client_for(det, tmp_path, media) as client:
+        sent = client.portal.call(gone_after_the_body, client.app)
+        assert sent[0]["status"] == 499 and b"client_closed" in sent[1]["body"]
+        assert len(calls) == 1
+        assert 'ovdet_requests_total{route="/predict",status="499"} 1' in client.get("/metrics").text
+        calls.clear()
+        answer = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})  # a client that waits
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 5 and len(calls) == 5

@@ -213,7 +213,10 @@ def create_app(detector: Any, settings: ServeSettings | None = None,
             raise ServiceError(400, "no_label_config", "send label_config with the tasks, or POST /setup first")
         spec = parse_request_classes(list(config.labels), settings)
         results = []
-        for task in tasks:
+        for done, task in enumerate(tasks):
+            if done and await request.is_disconnected():  # Label Studio gave up (its timeout): stop using the CPU
+                raise ServiceError(499, "client_closed", f"the client closed the connection after {done} of "
+                                   f"{len(tasks)} tasks; nothing more was detected")
             data = task.get("data") if isinstance(task, dict) else None
             try:
                 if not isinstance(data, dict) or config.data_key not in data:
