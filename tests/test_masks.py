@@ -155,20 +155,130 @@ def test_rle_size_must_match_the_image():
     assert "not the image's" in rle.rle_problem(r, 4, 3)
 
 
-def test_polygons_redraw_one_piece_masks_exactly_and_pieces_closely():
-    rng = np.random.default_rng(3)
-    for _ in range(40):
-        mask = np.zeros((60, 70), np.uint8)
-        hull = cv2.convexHull(rng.integers(5, 55, (int(rng.integers(3, 9)), 2)).astype(np.int32))
-        cv2.fillPoly(mask, [hull], 1)  # one piece, no hole
-        mask = mask.astype(bool)
+def _shapes(seed: int, count: int):
+    """Random masks of every kind an outline must survive: noise, blurred blobs (several pieces, holes, one-pixel
+    gaps), discs and staircases (cut by the image border or not), one-pixel lines, single pixels."""
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        h, w = (int(v) for v in rng.integers(1, 36, 2))
+        yy, xx = np.mgrid[:h, :w]
+        kind = k % 6
+        if kind == 0:
+            m = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        elif kind == 1:
+            m = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (5, 5), 0) > rng.uniform(0.45, 0.55)
+        elif kind == 2:
+            cx, cy, r = rng.uniform(-6, w + 6), rng.uniform(-6, h + 6), rng.uniform(0.3, 20)
+            m = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 < r * r
+        elif kind == 3:
+            m = xx * int(rng.integers(1, 4)) <= yy * int(rng.integers(1, 4)) + int(rng.integers(-6, 6))
+        elif kind == 4:
+            m = np.zeros((h, w), bool)
+            m[int(rng.integers(h)), int(rng.integers(w)):] = True
+            m[int(rng.integers(h)):, int(rng.integers(w))] = rng.random() < 0.5
+        else:
+            m = np.zeros((h, w), bool)
+            m[int(rng.integers(h)), int(rng.integers(w))] = True
+        yield m
+
+
+def _holes_filled(mask: np.ndarray) -> np.ndarray:
+    """The mask with every background region the outside cannot reach (4-connected) filled."""
+    frame = np.ascontiguousarray(np.pad(mask, 1), np.uint8)
+    cv2.floodFill(frame, None, (0, 0), 2, flags=4)
+    return frame[1:-1, 1:-1] != 2
+
+
+def test_a_polygon_spans_exactly_its_masks_box():
+    # the box ultralytics gives a segment label is its polygon's extent: it must be the object's box, not one pixel
+    # less (an outline through pixel centres) nor more
+    seen = 0
+    for mask in _shapes(11, 600):
         poly = rle.mask_polygon(mask)
-        assert (rle.polygon_mask(poly, 60, 70) == mask).all()
-    two = np.zeros((60, 70), bool)
-    two[5:20, 5:25] = True
-    two[40:55, 30:60] = True
-    back = rle.polygon_mask(rle.mask_polygon(two), 60, 70)
-    assert back[two].all()
-    # the bridge between the pieces is a one-pixel line: within the stated tolerance of 1 px per bridge length
-    assert (back & ~two).sum() <= 40
-    assert len(rle.mask_polygon(np.zeros((5, 5), bool))) == 0
+        assert poly.dtype == np.float64 and poly.ndim == 2 and poly.shape[1] == 2
+        if not mask.any():
+            assert poly.shape == (0, 2)
+            continue
+        x, y, w, h = rle.to_bbox(rle.encode(mask))
+        assert poly.min(axis=0).tolist() == [x, y] and poly.max(axis=0).tolist() == [x + w, y + h], mask.astype(int)
+        seen += 1
+    assert seen > 500
+    assert rle.mask_polygon(np.ones((1, 1), bool)).tolist() in ([[0, 0], [0, 1], [1, 1], [1, 0]],
+                                                                [[0, 0], [1, 0], [1, 1], [0, 1]])
+    assert rle.mask_polygon(np.zeros((5, 5), bool)).shape == (0, 2)
+    with pytest.raises(ValueError, match="one H×W mask"):
+        rle.mask_polygon(np.ones((2, 3, 4), bool))
+
+
+def test_polygons_redraw_every_mask_exactly_holes_filled():
+    pieces = one_piece = 0
+    for mask in _shapes(12, 900):
+        poly = rle.mask_polygon(mask)
+        want = _holes_filled(mask)
+        assert (rle.polygon_mask(poly, *mask.shape) == want).all(), (mask.astype(int), poly.tolist())
+        count = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+        if count == 1:  # one piece: the outline runs along pixel edges only
+            one_piece += 1
+            steps = np.diff(np.vstack([poly, poly[:1]]), axis=0)
+            assert ((steps[:, 0] == 0) | (steps[:, 1] == 0)).all()
+        pieces += count > 1
+    assert pieces > 100 and one_piece > 300
+    # a one-pixel notch stays open, diagonal neighbours stay apart, a ring keeps its hole filled
+    u = np.array([[1, 0, 1], [1, 0, 1], [1, 1, 1]], bool)
+    diagonal = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], bool)
+    ring = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
+    for mask, want in ((u, u), (diagonal, diagonal), (ring, np.ones((3, 3), bool))):
+        assert (rle.polygon_mask(rle.mask_polygon(mask), 3, 3) == want).all()
+
+
+def test_bridges_between_pieces_pass_through_no_pixel_centre():
+    # the biggest piece holds the anchor (0, 0); the bridges to the single pixels cross the middle square, and the
+    # nearest corner of pixel (33, 33) lies on the diagonal through every pixel centre (k + 0.5, k + 0.5)
+    mask = np.zeros((40, 40), bool)
+    mask[0:12, 0:12] = True
+    mask[14:24, 14:24] = True
+    mask[33, 33] = mask[38, 35] = mask[35, 39] = True
+    mask[20, 2:5] = True
+    poly = rle.mask_polygon(mask)
+    assert poly[0].tolist() == [0, 0] and len(poly) > 16
+    assert (rle.polygon_mask(poly, 40, 40) == mask).all()
+
+
+def test_polygon_mask_sets_the_pixels_whose_centres_are_strictly_inside():
+    # the diagonal x + y = 2 runs through the centres of pixels (1, 0) and (0, 1): on the edge is outside
+    triangle = np.array([[0, 0], [2, 0], [0, 2]], np.float64)
+    assert rle.polygon_mask(triangle, 3, 3).astype(int).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    # against a plain even-odd ray test at each centre, on random (self-crossing) polygons with fractional vertices;
+    # polygon_mask snaps vertices to 1/256 px, so centres within 0.01 px of an edge are not compared
+    rng = np.random.default_rng(5)
+    ys, xs = np.mgrid[:24, :30] + 0.5
+    compared = 0
+    for _ in range(60):
+        poly = rng.uniform(-4, 34, (int(rng.integers(3, 9)), 2))
+        crossings = np.zeros(xs.shape, int)
+        near = np.zeros(xs.shape, bool)
+        for (xa, ya), (xb, yb) in zip(poly, np.roll(poly, -1, axis=0)):
+            spans = (ya <= ys) != (yb <= ys)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x_at = xa + (ys - ya) * (xb - xa) / (yb - ya)
+            crossings += spans & (x_at < xs)
+            t = np.clip(((xs - xa) * (xb - xa) + (ys - ya) * (yb - ya)) / ((xb - xa) ** 2 + (yb - ya) ** 2), 0, 1)
+            near |= np.hypot(xa + t * (xb - xa) - xs, ya + t * (yb - ya) - ys) < 0.01
+        got = rle.polygon_mask(poly, 24, 30)
+        assert (got == (crossings % 2 == 1))[~near].all()
+        compared += int((~near).sum())
+    assert compared > 40000
+    assert not rle.polygon_mask(np.array([[0, 0], [5, 5]]), 6, 6).any()  # under three points: no area
+    assert not rle.polygon_mask(np.array([[-9, -9], [-5, -9], [-5, -5]]), 6, 6).any()  # outside the image
+    with pytest.raises(ValueError, match="finite pixel coordinates"):
+        rle.polygon_mask(np.array([[0, 0], [np.nan, 3], [3, 3]]), 6, 6)
+
+
+def test_a_yolo_segment_line_redraws_its_mask_after_six_decimals():
+    for mask in _shapes(13, 300):
+        if not mask.any():
+            continue
+        h, w = mask.shape
+        line = rle.yolo_segment(0, rle.mask_polygon(mask), [0, 0, w, h], w, h)
+        back = np.array(line.split()[1:], np.float64).reshape(-1, 2) * (w, h)
+        assert (rle.polygon_mask(back, h, w) == _holes_filled(mask)).all()

@@ -1,9 +1,9 @@
 """Masks in every output: synth ground truth through each writer and back (pycocotools, ultralytics' segment label
 checks, the VOC PNG, the journal), and `ovdet annotate --masks grabcut` end to end on samples/shapes.
 
-Tolerance: RLEs (COCO, JSONL) and the VOC PNG are exact; a YOLO polygon redraws a one-piece mask without holes
-exactly (vertices are pixel centres), so on synth worlds, whose masks are one piece unless another shape cuts one,
-IoU is 1.0 for every one-piece mask and at least 0.9 for the rest.
+Tolerance: RLEs (COCO, JSONL) and the VOC PNG are exact; a YOLO polygon (vertices on pixel edges) redraws its mask
+exactly by the pixel-centre rule (ovdet.masks.rle.polygon_mask), holes filled, after the 6-decimal rounding, and the
+box ultralytics derives from it (the polygon's extent) is the mask's box within that rounding.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
-from ultralytics.data.utils import polygon2mask, verify_image_label
+from ultralytics.data.utils import verify_image_label
 
 from ovdet.cli import main
 from ovdet.datasets.formats import open_dataset_writers, rebuild_from_journal
@@ -32,21 +32,40 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = ["red circle", "blue square", "green triangle"]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
-
-
 def _one_piece(mask: np.ndarray) -> bool:
     return cv2.connectedComponents(mask.astype(np.uint8))[0] == 2
 
 
+def _holes_filled(mask: np.ndarray) -> np.ndarray:
+    frame = np.ascontiguousarray(np.pad(mask, 1), np.uint8)
+    cv2.floodFill(frame, None, (0, 0), 2, flags=4)
+    return frame[1:-1, 1:-1] != 2
+
+
 def _label_masks(label: Path, height: int, width: int) -> list[np.ndarray]:
-    """A YOLO segment label file drawn back the way ultralytics' loader draws it (polygon2mask)."""
+    """A YOLO segment label file drawn back by the pixel-centre rule."""
     out = []
     for line in label.read_text().splitlines():
         xy = np.array(line.split()[1:], np.float64).reshape(-1, 2) * (width, height)
-        out.append(polygon2mask((height, width), [xy.reshape(-1)]).astype(bool))
+        out.append(rle.polygon_mask(xy, height, width))
     return out
+
+
+def _ultralytics_boxes(image: Path, label: Path, classes: int) -> tuple[np.ndarray, list]:
+    """The boxes (xyxy, pixels) ultralytics' label check derives from a segment label file, and its segments."""
+    checked = verify_image_label((str(image), str(label), "", False, classes, 0, 0, False))
+    assert checked[-2] == 0, checked[-1]  # none corrupt
+    height, width = checked[2]
+    x, y, w, h = (checked[1][:, 1:].astype(np.float64) * (width, height, width, height)).T
+    return np.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], axis=1), checked[3]
+
+
+def _assert_boxes_are_the_masks(boxes: np.ndarray, masks, size: int) -> None:
+    """Each derived box is its mask's box, within the 6-decimal rounding of the label (and ultralytics' float32)."""
+    assert len(boxes) == len(masks)
+    for box, mask in zip(boxes, masks):
+        x, y, w, h = rle.to_bbox(rle.encode(mask))
+        assert np.abs(box - (x, y, x + w, y + h)).max() <= 1e-5 * size, (box, (x, y, x + w, y + h))
 
 
 def test_synth_masks_are_exact_and_its_segment_labels_redraw_them(tmp_path):
@@ -63,12 +82,14 @@ def test_synth_masks_are_exact_and_its_segment_labels_redraw_them(tmp_path):
         label = tmp_path / "labels" / "train" / f"{i:06d}.txt"
         drawn = _label_masks(label, 150, 150)
         assert [int(line.split()[0]) for line in label.read_text().splitlines()] == class_ids.tolist()
+        assert len(drawn) == len(truth)
         for want, got in zip(truth, drawn):
-            assert _iou(want, got) == 1.0 if _one_piece(want) else _iou(want, got) >= 0.9
+            assert (got == _holes_filled(want)).all()
             pieces += _one_piece(want)
-        checked = verify_image_label((str(tmp_path / "images" / "train" / f"{i:06d}.png"), str(label), "", False,
-                                      len(spec.names), 0, 0, False))
-        assert checked[3] is not None and len(checked[3]) == len(class_ids) and checked[-2] == 0  # segments, 0 bad
+        boxes_seen, segments = _ultralytics_boxes(tmp_path / "images" / "train" / f"{i:06d}.png", label,
+                                                  len(spec.names))
+        assert len(segments) == len(class_ids)
+        _assert_boxes_are_the_masks(boxes_seen, truth, 150)
     assert pieces >= 20
     # a disc is a disc: not its box
     img, boxes, class_ids, parts = render(image_rng(4, "train", 0), spec, masks=True)
@@ -111,8 +132,10 @@ def test_every_writer_gives_the_synth_masks_back(tmp_path):
             assert (api.annToMask(ann).astype(bool) == want).all()  # COCO: exact
             assert ann["area"] == want.sum()
     for i, truth in enumerate(truths):
-        for want, got in zip(truth, _label_masks(out / "yolo" / "labels" / f"{i}.txt", 150, 150)):
-            assert _iou(want, got) == 1.0 if _one_piece(want) else _iou(want, got) >= 0.9  # YOLO: polygons
+        drawn = _label_masks(out / "yolo" / "labels" / f"{i}.txt", 150, 150)
+        assert len(drawn) == len(truth)
+        for want, got in zip(truth, drawn):
+            assert (got == _holes_filled(want)).all()  # YOLO: polygons, holes filled
         png = Image.open(out / "voc" / "SegmentationObject" / f"{i}.png")
         assert png.mode == "P"
         index = np.asarray(png)
@@ -181,11 +204,14 @@ def test_annotate_with_grabcut_writes_masks_pycocotools_and_ultralytics_accept(a
     for r in records:
         label = annotated / "yolo" / "labels" / f"{r['key']}.txt"
         image = annotated / "yolo" / "images" / f"{r['key']}.jpg"
-        checked = verify_image_label((str(image), str(label), "", False, 3, 0, 0, False))
-        assert checked[-2] == 0 and len(checked[3]) == len(r["detections"])  # segment rows, none corrupt
-        for d, drawn in zip(r["detections"], _label_masks(label, r["height"], r["width"])):
-            want = rle.decode(d["segmentation"])
-            assert _iou(want, drawn) >= (1.0 if _one_piece(want) else 0.9)
+        wants = [rle.decode(d["segmentation"]) for d in r["detections"]]
+        boxes_seen, segments = _ultralytics_boxes(image, label, 3)
+        assert len(segments) == len(wants)
+        _assert_boxes_are_the_masks(boxes_seen, wants, max(r["width"], r["height"]))  # the object's box, exactly
+        drawn = _label_masks(label, r["height"], r["width"])
+        assert len(drawn) == len(wants)
+        for want, got in zip(wants, drawn):
+            assert (got == _holes_filled(want)).all()
 
 
 def test_a_resume_with_other_masks_is_refused(annotated):

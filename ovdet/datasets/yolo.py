@@ -6,8 +6,9 @@ On disk, under OUT/yolo/:
     images/KEY.EXT     the original image (a symbolic link, else a hard link, else a copy)
     labels/KEY.txt     one line per box: "class x_center y_center width height", normalised to 0..1, 5 decimals;
                        with --masks a segment label instead: "class x1 y1 x2 y2 ...", the outline of the box's mask
-                       (pixel centres, 6 decimals; ovdet.masks.rle.mask_polygon), or the box's corners when its mask
-                       is empty. The same data.yaml trains a segment model (yolo11n-seg.pt ...)
+                       along pixel edges, so its extent (the box ultralytics takes) is the mask's box (6 decimals;
+                       ovdet.masks.rle.mask_polygon), or the box's corners when its mask is empty. The same data.yaml
+                       trains a segment model (yolo11n-seg.pt ...)
     train.txt, val.txt with a val split only: one "./images/KEY.EXT" per line, rebuilt from the journal
 
 KEY is the image's flat output stem (ovdet.datasets.keys). Every file is replaced whole (ovdet.util.safeio) and no

@@ -1,7 +1,8 @@
 """Mask mAP for `ovdet eval`: ground-truth masks of COCO and YOLO-segment datasets, scored by pycocotools' COCOeval.
 
 Ground truth: a COCO `segmentation` (polygons, an uncompressed or a compressed RLE) or a YOLO segment label row
-(a polygon, drawn the way ultralytics' loader draws it, ovdet.masks.rle.polygon_mask). A dataset has masks when
+(a polygon in pixel-edge coordinates, drawn by the pixel-centre rule, ovdet.masks.rle.polygon_mask, which gives
+back exactly the masks `ovdet synth --masks` and `annotate --masks` outlined). A dataset has masks when
 every object has one. Predictions are the detector's masks as RLEs (OVDetector.detect_batch(mask_rle=True)), so a
 folder costs RLEs, never dense masks. The score is COCOeval with iouType="segm" (area "all", 100 detections per
 image and class), next to the box mAP ovdet.jobs.evaluate computes.
@@ -81,7 +82,7 @@ def gt_rles(segments: Sequence[Any] | None, normalized: bool, height: int, width
     (normalized K×2 arrays) when `normalized`, else COCO segmentations (check_coco_segmentation)."""
     if segments is None:
         return None
-    if normalized:  # ultralytics' loader: polygon2mask, int-truncated vertices (coordinates clipped: no overflow)
+    if normalized:  # the pixels whose centres lie inside (coordinates clipped to the image's reach: no overflow)
         return [encode(polygon_mask(np.clip(p, -1.0, 2.0) * (width, height), height, width)) for p in segments]
     return [_coco_rle(s, height, width, where) for s in segments]
 

@@ -295,8 +295,9 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def generate(out: str | Path, train: int = 512, val: int = 128, seed: int = 0,
              spec: WorldSpec | None = None, progress: bool = True, masks: bool = False) -> Path:
     """Write a YOLO dataset (images/{train,val}, labels/{train,val}, data.yaml) under `out`; returns data.yaml.
-    With `masks` the labels are segment lines: each object's exact mask outlined (pixel centres, as
-    ovdet.masks.rle.mask_polygon; a one-piece mask redraws exactly), and data.yaml says `masks: true`."""
+    With `masks` the labels are segment lines: each object's exact mask outlined along pixel edges
+    (ovdet.masks.rle.mask_polygon: the outline spans the object's box and redraws the mask exactly, holes filled),
+    and data.yaml says `masks: true`."""
     spec = spec or WorldSpec()
     out = Path(out)
     if train < 1 or val < 0:

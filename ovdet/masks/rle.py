@@ -5,10 +5,10 @@ An RLE is `{"size": [height, width], "counts": "<ascii>"}`, exactly what pycocot
 without a dense image-sized array. `decode` checks an RLE before pycocotools sees it: pycocotools writes runs past
 its buffer for counts that add up to more than height × width, and an RLE may come from a journal someone edited.
 
-Polygons are for YOLO segment labels: vertices are pixel centres (x + 0.5, y + 0.5) of the mask's outline, so that
-rasterising them back (`polygon_mask`, and ultralytics' int-truncating loader) lands on the same pixels. A one-piece
-mask without holes comes back exactly; pieces are joined by zero-width bridges (rasterised as one-pixel lines) and
-holes are filled.
+Polygons are for YOLO segment labels: vertices lie on pixel edges (pixel (x, y) is the square x..x+1, y..y+1), so a
+mask's outline spans exactly its box (ultralytics takes a segment label's box to be its extent). `polygon_mask` draws
+a polygon back by the pixel-centre rule (a pixel is set when its centre lies strictly inside), which gives back every
+mask `mask_polygon` outlines, holes filled: pieces are joined by zero-width bridges that miss every pixel centre.
 """
 
 from __future__ import annotations
@@ -140,33 +140,122 @@ def to_bbox(rle: Rle) -> list[float]:
 
 
 def mask_polygon(mask: np.ndarray) -> np.ndarray:
-    """One polygon (K×2 float, pixel-centre x, y) outlining a bool mask; pieces joined by bridges, holes filled;
-    empty (0×2) for an empty mask."""
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    pieces = sorted((c.reshape(-1, 2) for c in contours), key=lambda c: -cv2.contourArea(c.astype(np.float32)))
-    if not pieces:
+    """One polygon (K×2 float64, pixel-edge x, y) outlining a bool mask: its extent is the mask's box; pieces are
+    joined by zero-width bridges from the biggest, holes filled; empty (0×2) for an empty mask."""
+    m = np.asarray(mask, bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask_polygon takes one H×W mask, got shape {m.shape}")
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if not rows.size:
         return np.zeros((0, 2), np.float64)
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    # Each pixel becomes 2×2, so a one-pixel gap stays open to the tracer; the 2× image is framed by one zero pixel.
+    # A traced boundary pixel (u, v) of the 2× image is a quadrant of pixel ((u-1)//2, (v-1)//2); its outer corner,
+    # a point on the outline, is (u//2, v//2) in crop coordinates.
+    big = np.zeros((2 * (y1 - y0) + 2, 2 * (x1 - x0) + 2), np.uint8)
+    big[1:-1, 1:-1] = np.repeat(np.repeat(m[y0:y1, x0:x1], 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    pieces = [_corners(c.reshape(-1, 2).astype(np.int64) // 2 + (x0, y0)) for c in contours]
+    pieces.sort(key=lambda c: -abs(cv2.contourArea(c.astype(np.float32))))
     anchor = pieces[0][0]
-    path = [pieces[0], anchor[None]]
-    for piece in pieces[1:]:  # out from the anchor to the nearest vertex, round the piece, and back
-        j = int(np.argmin(((piece - anchor) ** 2).sum(axis=1)))
-        path += [np.roll(piece, -j, axis=0), piece[j][None], anchor[None]]
-    return np.concatenate(path).astype(np.float64) + 0.5
+    path = [pieces[0]]
+    for piece in pieces[1:]:  # back at the anchor, out to the piece, round it, and back the same way
+        entry, cycle = _bridge_end(piece, anchor)
+        path += [anchor[None], cycle, entry[None]]
+    return np.concatenate(path).astype(np.float64)
+
+
+def _corners(points: np.ndarray) -> np.ndarray:
+    """The turning points of a closed path of integer points (repeats and points inside straight runs dropped)."""
+    points = points[(points != np.roll(points, 1, axis=0)).any(axis=1)]
+    if len(points) < 3:
+        return points
+    before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+    straight = (before[:, 0] * after[:, 1] == before[:, 1] * after[:, 0]) & ((before * after).sum(axis=1) > 0)
+    return points[~straight]
+
+
+def _bridge_end(piece: np.ndarray, anchor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a bridge from `anchor` meets `piece`, and the piece's cycle starting there: the nearest vertex, or point
+    one pixel along a vertex's edge, such that the bridge passes through no pixel centre. A segment between integer
+    points does so exactly when both its coordinate steps, divided by their gcd, are odd; of two points one pixel
+    apart along a horizontal edge (every outline has one) at least one avoids that."""
+    step = np.sign(np.roll(piece, -1, axis=0) - piece)
+    candidates = np.concatenate([piece, piece + step])
+    d = candidates - anchor
+    g = np.maximum(np.gcd(d[:, 0], d[:, 1]), 1)
+    clear = ~(((d[:, 0] // g) % 2 == 1) & ((d[:, 1] // g) % 2 == 1))
+    distance = np.where(clear, (d ** 2).sum(axis=1), np.iinfo(np.int64).max)
+    i = int(np.argmin(distance))
+    if not clear[i]:
+        raise AssertionError("mask_polygon found no bridge clear of pixel centres")  # impossible, see above
+    entry = candidates[i]
+    if i < len(piece):
+        return entry, np.roll(piece, -i, axis=0)
+    return entry, np.concatenate([entry[None], np.roll(piece, len(piece) - i - 1, axis=0)])  # after vertex i - K
+
+
+_SCALE = 256  # polygon_mask snaps vertices to 1/256 px and decides in integers, so a centre on an edge is exact
+_REACH = 1 << 19  # px: vertices past this are refused (the integer arithmetic stays inside int64)
 
 
 def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A bool height×width mask with the polygon (pixel-centre coordinates, as mask_polygon writes) filled."""
-    out = np.zeros((height, width), np.uint8)
-    pts = np.floor(np.asarray(polygon, np.float64).reshape(-1, 2)).astype(np.int32)
-    if len(pts):
-        cv2.fillPoly(out, [pts], 1)
-    return out.astype(bool)
+    """A bool height×width mask of the pixels whose centres (x + 0.5, y + 0.5) lie strictly inside the polygon
+    (pixel-edge coordinates, as mask_polygon writes; even-odd rule, so a bridge there and back adds nothing). Vertices
+    are snapped to 1/256 px, so the decision is exact; only the polygon's box is worked on."""
+    out = np.zeros((height, width), bool)
+    p = np.asarray(polygon, np.float64).reshape(-1, 2)
+    if len(p) < 3 or not height or not width:
+        return out
+    if not np.isfinite(p).all() or np.abs(p).max() > _REACH:
+        raise ValueError(f"polygon vertices must be finite pixel coordinates within ±{_REACH}, got "
+                         f"{p[~np.isfinite(p).all(axis=1) | (np.abs(p) > _REACH).any(axis=1)][0].tolist()}")
+    bx0, by0 = np.maximum(np.floor(p.min(axis=0)).astype(int), 0)
+    bx1, by1 = np.minimum(np.ceil(p.max(axis=0)).astype(int), (width, height))
+    if bx0 >= bx1 or by0 >= by1:
+        return out
+    s, half = _SCALE, _SCALE // 2
+    q = np.round(p * s).astype(np.int64)
+    a, b = q, np.roll(q, -1, axis=0)
+    down = a[:, 1] < b[:, 1]
+    top, bottom = np.where(down[:, None], a, b), np.where(down[:, None], b, a)
+    top, bottom = top[top[:, 1] != bottom[:, 1]], bottom[top[:, 1] != bottom[:, 1]]
+    # Rows whose centre line Y = (y + 0.5)·s an edge crosses, top <= Y < bottom (a vertex on a row centre counts once)
+    r0 = np.clip(-((half - top[:, 1]) // s), by0, by1)
+    r1 = np.clip(-((half - bottom[:, 1]) // s), by0, by1)
+    n = np.maximum(r1 - r0, 0)
+    edge = np.repeat(np.arange(len(top)), n)
+    row = r0[edge] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    xa, ya, xb, yb = top[edge, 0], top[edge, 1], bottom[edge, 0], bottom[edge, 1]
+    dy = yb - ya
+    # The crossing is at x = num / dy (scaled); pixel x's centre is right of it when (2x + 1)·half·dy > num.
+    t = xa * dy + ((2 * row + 1) * half - ya) * (xb - xa) - half * dy
+    first = t // (s * dy) + 1
+    cols = bx1 - bx0
+    flips = np.zeros((by1 - by0, cols + 1), np.int32)
+    np.add.at(flips, (row - by0, np.clip(first - bx0, 0, cols)), 1)
+    inside = (np.cumsum(flips, axis=1)[:, :cols] & 1).astype(bool)
+    on = t % (s * dy) == 0  # the centre of pixel first - 1 lies on the edge
+    _clear(inside, row[on] - by0, first[on] - 1 - bx0)
+    on_centre = ((q - half) % s == 0).all(axis=1)  # vertices on a pixel centre
+    _clear(inside, (q[on_centre, 1] - half) // s - by0, (q[on_centre, 0] - half) // s - bx0)
+    level = (a[:, 1] == b[:, 1]) & ((a[:, 1] - half) % s == 0)  # horizontal edges along a row centre line
+    for (xa_, y_), (xb_, _) in zip(a[level].tolist(), b[level].tolist()):
+        c0, c1 = -((half - min(xa_, xb_)) // s), (max(xa_, xb_) - half) // s
+        _clear(inside, np.full(max(c1 - c0 + 1, 0), (y_ - half) // s - by0), np.arange(c0, c1 + 1) - bx0)
+    out[by0:by1, bx0:bx1] = inside
+    return out
+
+
+def _clear(inside: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+    """Unset the pixels (rows[i], cols[i]) that lie in `inside`."""
+    keep = (rows >= 0) & (rows < inside.shape[0]) & (cols >= 0) & (cols < inside.shape[1])
+    inside[rows[keep], cols[keep]] = False
 
 
 def yolo_segment(class_id: int, polygon: np.ndarray, box: Sequence[float], width: int, height: int) -> str:
     """A YOLO segment label line "class x1 y1 x2 y2 ..." (0..1, 6 decimals): the polygon, or the box's corners when
-    the polygon has under 3 points (an empty or one-line mask), so that every box keeps a trainable label."""
+    the polygon has under 3 points (an empty mask), so that every box keeps a trainable label."""
     if len(polygon) < 3:
         x1, y1, x2, y2 = box
         polygon = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float64)

@@ -4,9 +4,9 @@ Boxes stay numbers (not pixels on a picture) so the browser redraws them at any 
 k key, n name, f full image URL and t thumbnail URL (both relative to the report), w/h size, d detections
 [class, score, x1, y1, x2, y2]; eval runs add g ground truth [class, x1, y1, x2, y2], m a matched flag per
 detection and gs the score of the detection matching each ground-truth box (-1: none); see evalstats. A run with
-masks adds p: per detection its mask's outline [x1, y1, x2, y2, ...] in image pixels (ovdet.masks.rle.mask_polygon:
-pieces bridged, holes filled; [] for an empty mask), which the page fills under the box. Per class, x holds the
-crops of its exemplars (data: URIs, ovdet.report.exemplars).
+masks adds p: per detection its mask's outline [x1, y1, x2, y2, ...] in image pixels, along pixel edges
+(ovdet.masks.rle.mask_polygon: pieces bridged, holes filled; [] for an empty mask), which the page fills under the
+box. Per class, x holds the crops of its exemplars (data: URIs, ovdet.report.exemplars).
 """
 
 from __future__ import annotations
