@@ -120,6 +120,33 @@ def test_predict_takes_all_the_tasks_label_studio_sends_at_once(det, tmp_path, m
     assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "too_many_tasks"
 
 
+def test_local_files_storage_reads_under_its_own_root(det, tmp_path, media):
+    """Label Studio serves uploads from its media folder and local files storage from LOCAL_FILES_DOCUMENT_ROOT,
+    usually another folder: --local-files-root reads the second while --data-root keeps reading the first, and
+    neither lets a task out of its own folder."""
+    docs = tmp_path / "documents"
+    (docs / "photos").mkdir(parents=True)
+    shutil.copy(SHAPES, docs / "photos" / "shapes.jpg")
+    tasks = [{"id": 1, "data": {"image": "/data/upload/1/3f2a-shapes.jpg"}},
+             {"id": 2, "data": {"image": "/data/local-files/?d=photos/shapes.jpg"}},
+             {"id": 3, "data": {"image": "/data/local-files/?d=../media/upload/1/3f2a-shapes.jpg"}},
+             {"id": 4, "data": {"image": "/data/upload/../../documents/photos/shapes.jpg"}},
+             {"id": 5, "data": {"image": "/data/local-files/?d=upload/1/3f2a-shapes.jpg"}}]
+
+    def codes(**roots):
+        with client_for(det, tmp_path, media, **roots) as client:
+            out = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).json()["results"]
+        assert all(bool(r.get("result")) == ("error" not in r) for r in out)
+        return [r.get("error", {}).get("code") for r in out]
+
+    assert codes(local_files_root=docs) == [None, None, "outside_data_root", "outside_data_root", "image_not_found"]
+    # without it, local files are read under --data-root, as before
+    assert codes() == [None, "image_not_found", None, "outside_data_root", None]  # (3 resolves inside media)
+    with client_for(det, tmp_path, None, local_files_root=docs) as client:  # local files only, no uploads
+        out = client.post("/predict", json={"tasks": tasks[:2], "label_config": CONFIG}).json()["results"]
+    assert [r.get("error", {}).get("code") for r in out] == ["paths_disabled", None]
+
+
 @pytest.mark.parametrize("xml, code", [
     ("<View><Image name='i' value='$image'/></View>", "no_rectangle_labels"),
     ("<View><RectangleLabels name='l' toName='i'><Label value='a'/></RectangleLabels>", "bad_label_config"),

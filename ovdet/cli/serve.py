@@ -27,7 +27,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help=f"bearer token clients must send (default: ${TOKEN_ENV}; none: no auth, loopback only)")
     parser.add_argument("--allow-urls", action="store_true", help="fetch images given as http(s) URLs")
     parser.add_argument("--data-root", default=None, metavar="DIR",
-                        help="read images given as local paths (Label Studio tasks) from under this folder only")
+                        help="read images given as local paths (Label Studio tasks: uploads, /data/upload/...) from "
+                             "under this folder only, e.g. Label Studio's media folder")
+    parser.add_argument("--local-files-root", default=None, metavar="DIR",
+                        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: tasks of its local files storage "
+                             "(/data/local-files/?d=...) are read from under it (default: --data-root)")
     group = parser.add_argument_group("batching and limits")
     group.add_argument("--max-batch", type=int, default=_DEFAULTS.max_batch, help="most images in one forward pass")
     group.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms,
@@ -67,12 +71,15 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
             raise ServeConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_body_mb <= 0 or args.max_wait_ms < 0:
         raise ServeConfigError("--max-body-mb must be positive and --max-wait-ms not negative")
-    root = Path(args.data_root).expanduser() if args.data_root else None
-    if root is not None and not root.is_dir():
-        raise ServeConfigError(f"--data-root {shown(root)} is not a folder: give the folder images are read from")
+    roots = {}
+    for option in ("data_root", "local_files_root"):
+        root = roots[option] = Path(getattr(args, option)).expanduser() if getattr(args, option) else None
+        if root is not None and not root.is_dir():
+            raise ServeConfigError(f"--{option.replace('_', '-')} {shown(root)} is not a folder: give the folder "
+                                   "images are read from")
     return ServeSettings(token=token, max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                          max_images=args.max_images, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_queue=args.max_queue, allow_urls=args.allow_urls, data_root=root,
+                         max_queue=args.max_queue, allow_urls=args.allow_urls, **roots,
                          persist_vocabularies=args.persist)
 
 

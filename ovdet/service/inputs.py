@@ -149,25 +149,27 @@ def _download(url: str, settings: ServeSettings) -> bytes:
 
 
 def _read_local(ref: str, settings: ServeSettings) -> bytes:
-    if settings.data_root is None:
-        raise ServiceError(400, "paths_disabled", f"{ref[:200]}: this server reads no local files; start it with "
-                           "--data-root FOLDER (e.g. Label Studio's media folder)")
     parts = urllib.parse.urlsplit(ref)
     query = urllib.parse.parse_qs(parts.query)
-    if parts.path.rstrip("/").endswith("/data/local-files") and "d" in query:
-        rel = query["d"][0]
-    else:
-        rel = urllib.parse.unquote(parts.path)
+    local_files = parts.path.rstrip("/").endswith("/data/local-files") and "d" in query
+    if local_files:  # Label Studio's local files storage: d is relative to its LOCAL_FILES_DOCUMENT_ROOT
+        rel, folder, option = query["d"][0], settings.local_files_root or settings.data_root, "--local-files-root"
+    else:  # an upload (/data/upload/...: relative to Label Studio's media folder) or a plain path
+        rel, folder, option = urllib.parse.unquote(parts.path), settings.data_root, "--data-root"
         rel = rel[len("/data/"):] if rel.startswith("/data/") else rel
-    root = Path(os.path.realpath(settings.data_root))
+    if folder is None:
+        raise ServiceError(400, "paths_disabled", f"{ref[:200]}: this server reads no local files; start it with "
+                           "--data-root FOLDER (Label Studio's media folder, for uploads) and/or --local-files-root "
+                           "FOLDER (its LOCAL_FILES_DOCUMENT_ROOT, for local files storage)")
+    root = Path(os.path.realpath(folder))
     path = Path(os.path.realpath(rel if os.path.isabs(rel) else root / rel))  # links followed, then checked
     if not path.is_relative_to(root) or path == root:
-        raise ServiceError(403, "outside_data_root", f"{ref[:200]}: outside the server's --data-root")
+        raise ServiceError(403, "outside_data_root", f"{ref[:200]}: outside the server's {option}")
     try:
         if path.stat().st_size > settings.max_body_bytes:
             raise ServiceError(413, "image_too_large", f"{ref[:200]}: more than {settings.max_body_bytes:,} bytes")
         return path.read_bytes()
     except FileNotFoundError:
-        raise ServiceError(404, "image_not_found", f"{ref[:200]}: no such file under --data-root") from None
+        raise ServiceError(404, "image_not_found", f"{ref[:200]}: no such file under {option}") from None
     except OSError as exc:
         raise ServiceError(400, "image_unreadable", f"{ref[:200]}: cannot be read ({exc.strerror})") from None

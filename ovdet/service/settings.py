@@ -62,6 +62,8 @@ class ServeSettings:
     allow_urls: bool = False  # fetch http(s) images (detect and Label Studio tasks)
     url_timeout_s: float = 10.0
     data_root: Path | None = None  # local image paths (Label Studio tasks) are read only under this folder
+    # Label Studio's LOCAL_FILES_DOCUMENT_ROOT: /data/local-files/?d=PATH tasks are read under it (None: data_root)
+    local_files_root: Path | None = None
     persist_vocabularies: bool = True  # vocabularies kept under $OVDET_HOME/vocabularies as JSON
     model_version: str = "ovdet"  # what /setup and /predict report to Label Studio
 
