@@ -255,9 +255,10 @@ WINDOW_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
-def test_real_window_under_xvfb(tmp_path):
-    display = next(n for n in range(90, 140) if not Path(f"/tmp/.X11-unix/X{n}").exists()
+def run_under_xvfb(script: str, *args: str, displays: range) -> subprocess.CompletedProcess:
+    """Run the Python `script` in a fresh process on its own Xvfb screen (640×480, the first free display number
+    of `displays`), with the Qt settings a real window needs; returns the finished process (exit code checked)."""
+    display = next(n for n in displays if not Path(f"/tmp/.X11-unix/X{n}").exists()
                    and not Path(f"/tmp/.X{n}-lock").exists())
     server = subprocess.Popen(["Xvfb", f":{display}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -268,14 +269,20 @@ def test_real_window_under_xvfb(tmp_path):
             time.sleep(0.05)
         env = {**os.environ, "DISPLAY": f":{display}", "QT_QPA_PLATFORM": "xcb", "QT_QPA_FONTDIR": "/usr/share/fonts",
                "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-        shot = tmp_path / "screen.png"
-        run = subprocess.run([sys.executable, "-c", WINDOW_SCRIPT, str(shot)], env=env, capture_output=True,
-                             text=True, timeout=120)
+        run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                             timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
-        assert "frames 20" in run.stdout
+        return run
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
+def test_real_window_under_xvfb(tmp_path):
+    shot = tmp_path / "screen.png"
+    run = run_under_xvfb(WINDOW_SCRIPT, str(shot), displays=range(90, 140))
+    assert "frames 20" in run.stdout
     screen = cv2.imread(str(shot))
     assert screen is not None and screen.shape == (480, 640, 3)
     green = np.all(np.abs(screen.astype(int) - (0, 160, 0)) < 30, axis=2)

@@ -3,23 +3,20 @@ followed on a real cv2 window under Xvfb (mouse events sent through the XTest ex
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import supervision as sv
 
+from test_live import run_under_xvfb
+
 from ovdet.jobs.synth import WorldSpec, image_rng, render
 from ovdet.video.live import run_live
 from ovdet.weights.registry import DEMO_FILE
 
-TESTS = Path(__file__).resolve().parent
 
 
 class DragDisplay:
@@ -156,24 +153,7 @@ DRAG_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
 def test_real_window_follows_a_mouse_drag_under_xvfb():
-    display = next(n for n in range(140, 190) if not Path(f"/tmp/.X11-unix/X{n}").exists()
-                   and not Path(f"/tmp/.X{n}-lock").exists())
-    server = subprocess.Popen(["Xvfb", f":{display}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not Path(f"/tmp/.X11-unix/X{display}").exists():
-            assert server.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
-            time.sleep(0.05)
-        env = {**os.environ, "DISPLAY": f":{display}", "QT_QPA_PLATFORM": "xcb", "QT_QPA_FONTDIR": "/usr/share/fonts",
-               "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-        run = subprocess.run([sys.executable, "-c", DRAG_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=120)
-        assert run.returncode == 0, run.stderr[-2000:]
-    finally:
-        server.terminate()
-        server.wait(10)
-    lines = run.stdout.splitlines()
+    lines = run_under_xvfb(DRAG_SCRIPT, displays=range(140, 190)).stdout.splitlines()
     # dragged from the bottom-right corner up-left: the box is given top-left first, in image pixels
     assert "dragging ((20, 30, 90, 80), None)" in lines
     assert "done (None, (20, 30, 90, 80))" in lines and "after (None, None)" in lines
