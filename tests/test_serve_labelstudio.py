@@ -142,6 +142,13 @@ def test_local_files_storage_reads_under_its_own_root(det, tmp_path, media):
     assert codes(local_files_root=docs) == [None, None, "outside_data_root", "outside_data_root", "image_not_found"]
     # without it, local files are read under --data-root, as before
     assert codes() == [None, "image_not_found", None, "outside_data_root", None]  # (3 resolves inside media)
+    escape = [{"id": 6, "data": {"image": "/data/local-files/?d=../documents/photos/shapes.jpg"}}]
+    with client_for(det, tmp_path, media) as client:  # the refusal names the option that sets the folder
+        out = client.post("/predict", json={"tasks": escape, "label_config": CONFIG}).json()["results"]
+    assert "outside the server's --data-root" in out[0]["error"]["message"]
+    with client_for(det, tmp_path, media, local_files_root=docs) as client:
+        out = client.post("/predict", json={"tasks": tasks[2:3], "label_config": CONFIG}).json()["results"]
+    assert "outside the server's --local-files-root" in out[0]["error"]["message"]
     with client_for(det, tmp_path, None, local_files_root=docs) as client:  # local files only, no uploads
         out = client.post("/predict", json={"tasks": tasks[:2], "label_config": CONFIG}).json()["results"]
     assert [r.get("error", {}).get("code") for r in out] == ["paths_disabled", None]

@@ -151,9 +151,10 @@ def _download(url: str, settings: ServeSettings) -> bytes:
 def _read_local(ref: str, settings: ServeSettings) -> bytes:
     parts = urllib.parse.urlsplit(ref)
     query = urllib.parse.parse_qs(parts.query)
-    local_files = parts.path.rstrip("/").endswith("/data/local-files") and "d" in query
-    if local_files:  # Label Studio's local files storage: d is relative to its LOCAL_FILES_DOCUMENT_ROOT
-        rel, folder, option = query["d"][0], settings.local_files_root or settings.data_root, "--local-files-root"
+    if parts.path.rstrip("/").endswith("/data/local-files") and "d" in query:  # Label Studio's local files storage: d is relative to its LOCAL_FILES_DOCUMENT_ROOT
+        rel, folder, option = query["d"][0], settings.local_files_root, "--local-files-root"
+        if folder is None:  # without its own root, local files are read under --data-root
+            folder, option = settings.data_root, "--data-root"
     else:  # an upload (/data/upload/...: relative to Label Studio's media folder) or a plain path
         rel, folder, option = urllib.parse.unquote(parts.path), settings.data_root, "--data-root"
         rel = rel[len("/data/"):] if rel.startswith("/data/") else rel
