@@ -232,9 +232,9 @@ def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     t = xa * dy + ((2 * row + 1) * half - ya) * (xb - xa) - half * dy
     first = t // (s * dy) + 1
     cols = bx1 - bx0
-    flips = np.zeros((by1 - by0, cols + 1), np.int32)
+    flips = np.zeros((by1 - by0, cols + 1), np.uint8)  # only the parity counts: a byte a pixel, wrapping is fine
     np.add.at(flips, (row - by0, np.clip(first - bx0, 0, cols)), 1)
-    inside = (np.cumsum(flips, axis=1)[:, :cols] & 1).astype(bool)
+    inside = np.bitwise_xor.accumulate(flips & 1, axis=1)[:, :cols].astype(bool)
     on = t % (s * dy) == 0  # the centre of pixel first - 1 lies on the edge
     _clear(inside, row[on] - by0, first[on] - 1 - bx0)
     on_centre = ((q - half) % s == 0).all(axis=1)  # vertices on a pixel centre
