@@ -200,6 +200,27 @@ MUTATIONS: list[Mutation] = [
       'KEY_QUIT = (ord("q"),)',
       ("tests/test_live.py::test_q_and_esc_quit",),
       "Esc no longer quits the webcam window (only q does)"),
+    # --- masks, the service
+    M("mask-outline-through-pixel-centres", "ovdet/masks/rle.py",
+      "    return np.concatenate(path).astype(np.float64)\n",
+      "    return np.concatenate(path).astype(np.float64) + 0.5\n",
+      ("tests/test_masks.py", "tests/test_masks_outputs.py"),
+      "YOLO segment outlines run through pixel centres: the box ultralytics takes from them is a pixel small"),
+    M("predict-runs-on-after-the-client-left", "ovdet/service/app.py",
+      "            if done and await request.is_disconnected():",
+      "            if False and await request.is_disconnected():",
+      ("tests/test_serve_labelstudio.py::test_predict_stops_when_label_studio_gives_up",),
+      "/predict keeps detecting every task after Label Studio closed the connection"),
+    M("local-files-under-data-root-only", "ovdet/service/inputs.py",
+      'rel, folder, option = query["d"][0], settings.local_files_root, "--local-files-root"',
+      'rel, folder, option = query["d"][0], None, "--local-files-root"',
+      ("tests/test_serve_labelstudio.py::test_local_files_storage_reads_under_its_own_root",),
+      "--local-files-root is ignored: Label Studio's local files storage is looked for under --data-root"),
+    M("int8-start-imports-nncf", "ovdet/backends/openvino_backend.py",
+      '            require_installed("nncf", INSTALL_INT8, "int8 with the openvino backend")',
+      '            require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")',
+      ("tests/test_warm_start.py::test_a_cached_int8_model_starts_without_importing_nncf",),
+      "a cached int8 model still imports nncf (~2 s) at every start"),
 ]
 
 
