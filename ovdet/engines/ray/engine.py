@@ -241,6 +241,7 @@ class _Driver:
         self.token = uuid.uuid4().hex
         self.merged = 0  # images of this run's parts written to the outputs (or to errors.jsonl)
         self.errored: set[str] = set()  # images with an errors.jsonl record in this run
+        self.recovered: set[str] = set()  # images written now from the parts of a killed driver
 
     def run(self) -> Counts:
         folder = part_dir(self.out)
@@ -252,10 +253,11 @@ class _Driver:
         for path in list_parts(self.out):
             self._merge(path)
 
-        found = already = 0
+        found = already = recovered = 0
         for rel in self.source.list_images():  # a first walk to count (a folder is not held in memory)
             found += 1
             already += rel in self.done
+            recovered += rel in self.recovered
         if not found:
             raise DatasetError(f"{self.source.uri}: no image files found; point to a folder or prefix of images")
         todo = found - already
@@ -278,7 +280,8 @@ class _Driver:
             raise EngineError(f"{todo - self.merged} of {todo} images came back from no Ray worker; run the same "
                               "command again to do them")
         shutil.rmtree(self.out / PARTS)  # finished: the folder holds what the local engine writes, nothing more
-        return Counts(found, already)
+        # a recovered image is written by this call (the writer counts it done now), not found done before it
+        return Counts(found, already - recovered)
 
     def _blocks(self, part: int) -> list[Any]:
         """The images to do, with their output keys (given out in folder order), as object-store blocks of `part`
@@ -338,6 +341,8 @@ class _Driver:
                 self.writer.write(rec)
                 self.done.add(rec.image)
                 self.merged += ours
+                if not ours:
+                    self.recovered.add(rec.image)
             elif ours and line["error"]["image"] not in self.errored:
                 self.writer.add_error(line["error"])
                 self.errored.add(line["error"]["image"])
