@@ -298,6 +298,25 @@ def test_reduced_precision_keeps_the_demo_accuracy(demo_trio, module_home, tmp_p
     reduced = evaluate(det, data, conf=0.001, progress=False).map50_95
     assert det.precision == precision and fp32 > 0.8
     assert abs(reduced - fp32) <= 0.02, (precision, reduced, fp32)
+    if precision == "int8":
+        _cached_int8_starts_without_nncf(calib, data.images[0].path, monkeypatch)
+
+
+def _cached_int8_starts_without_nncf(calib, image, monkeypatch):
+    """nncf (~2 s to import) is needed to quantize, not to run: a start whose int8 model is cached (the one just
+    used) never imports it; without nncf installed, int8 is refused at construction with the install command."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "nncf" or m.startswith("nncf.")]:
+        monkeypatch.delitem(sys.modules, name)  # as in a fresh process (monkeypatch puts them back)
+    det = OVDetector("demo", device="cpu", backend="openvino", precision="int8", calib=calib)
+    det.set_classes("red circle")
+    det.detect(image)
+    assert det.world.backend.exports == 0 and det.precision == "int8"
+    assert not [m for m in sys.modules if m == "nncf" or m.startswith("nncf.")]
+    monkeypatch.setitem(sys.modules, "nncf", None)  # not installed
+    with pytest.raises(ModelError, match=r"'nncf' package, which is not installed: pip install \"ovdet\[int8\]\""):
+        OVDetector("demo", device="cpu", backend="openvino", precision="int8", calib=calib)
 
 
 def _tensorrt_ready() -> bool:

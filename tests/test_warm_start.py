@@ -5,7 +5,6 @@ needs the weights (a missing compiled model, the torch backend) reads them once,
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import ovdet.model.world as world
 from conftest import random_world_model, scene
 from ovdet import OVDetector
 from ovdet.backends.cache import CompiledCache
-from ovdet.errors import ModelError, OVDetWarning
+from ovdet.errors import OVDetWarning
 from ovdet.model.facts import facts_path
 from ovdet.weights.checkpoint import TEXT_ENCODER_KEY
 
@@ -103,26 +102,3 @@ def test_a_training_size_warning_is_given_on_every_start(tmp_path, tiny_text_enc
         assert det.imgsz == 640
     assert not det.world.model_loaded  # the second start came from the facts
 
-
-def test_a_cached_int8_model_starts_without_importing_nncf(checkpoint, tmp_path, monkeypatch):
-    """nncf (~2 s to import) is needed to quantize, not to run: a start whose int8 model is cached never imports
-    it; without nncf installed, int8 is refused at construction with the install command."""
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for i in range(2):
-        import cv2
-
-        cv2.imwrite(str(calib / f"{i}.jpg"), scene(90, 120, seed=i))
-    cold, found = _start(checkpoint, precision="int8", calib=calib)
-    assert cold.world.backend.exports == 1
-    for name in [m for m in sys.modules if m == "nncf" or m.startswith("nncf.")]:
-        monkeypatch.delitem(sys.modules, name)  # as in a fresh process (monkeypatch puts them back)
-    warm, again = _start(checkpoint, precision="int8", calib=calib)
-    assert warm.world.backend.exports == 0 and warm.precision == "int8"
-    assert not [m for m in sys.modules if m == "nncf" or m.startswith("nncf.")]
-    np.testing.assert_array_equal(found.class_id, again.class_id)
-    np.testing.assert_allclose(found.xyxy, again.xyxy, rtol=0, atol=1e-3)
-
-    monkeypatch.setitem(sys.modules, "nncf", None)  # not installed
-    with pytest.raises(ModelError, match=r"'nncf' package, which is not installed: pip install \"ovdet\[int8\]\""):
-        OVDetector(checkpoint, device="cpu", backend="openvino", precision="int8", calib=calib)

@@ -219,7 +219,7 @@ MUTATIONS: list[Mutation] = [
     M("int8-start-imports-nncf", "ovdet/backends/openvino_backend.py",
       '            require_installed("nncf", INSTALL_INT8, "int8 with the openvino backend")',
       '            require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")',
-      ("tests/test_warm_start.py::test_a_cached_int8_model_starts_without_importing_nncf",),
+      ("tests/test_backends.py::test_reduced_precision_keeps_the_demo_accuracy",),
       "a cached int8 model still imports nncf (~2 s) at every start"),
 ]
 
