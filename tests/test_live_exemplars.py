@@ -107,6 +107,8 @@ def test_naming_or_undo_with_nothing_to_act_on_says_so():
 
 DRAG_SCRIPT = textwrap.dedent("""
     import ctypes
+    import time
+
     import cv2
     import numpy as np
     from ovdet.video.live import CvWindow
@@ -126,25 +128,39 @@ DRAG_SCRIPT = textwrap.dedent("""
             window.show(frame, "drag")
             window.key(10)
 
-    pump(20)
-    left, top, _, _ = cv2.getWindowImageRect("ovdet-drag")
+    def until(ready, seconds=20.0):
+        # a loaded machine maps the window and delivers X events late: pump the GUI loop until they have arrived
+        deadline = time.monotonic() + seconds
+        while not ready() and time.monotonic() < deadline:
+            pump(1)
 
-    def move(x, y):
+    rects = []
+    def placed():  # the window is on screen, at its frame's size, and has stopped moving
+        rects.append(cv2.getWindowImageRect("ovdet-drag"))
+        return len(rects) > 5 and rects[-1][2:] == (160, 120) and len(set(rects[-5:])) == 1
+
+    pump(20)
+    until(placed)
+    left, top, _, _ = rects[-1]
+
+    def move(x, y, ready=lambda: True):
         xtst.XTestFakeMotionEvent(dpy, -1, left + x, top + y, 0)
         x11.XFlush(dpy)
         pump()
+        until(ready)
 
-    def button(down):
+    def button(down, ready):
         xtst.XTestFakeButtonEvent(dpy, 1, 1 if down else 0, 0)
         x11.XFlush(dpy)
         pump()
+        until(ready)
 
     move(90, 80)
-    button(True)
-    move(60, 50)
-    move(20, 30)
+    button(True, lambda: window._anchor is not None)
+    move(60, 50, lambda: window._current is not None)
+    move(20, 30, lambda: window._current is not None and window._current[:2] == (20, 30))
     print("dragging", window.drag())
-    button(False)
+    button(False, lambda: window._done is not None)
     print("done", window.drag())
     print("after", window.drag())
 """)
