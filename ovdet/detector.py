@@ -6,11 +6,10 @@ import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import supervision as sv
-import torch
 
 from ovdet.config import DetectorConfig
 from ovdet.text.cache import LazyTextEncoder
@@ -19,15 +18,20 @@ from ovdet.text.prompts import ClassSpec, parse_classes
 from ovdet.text.exemplars import Exemplar
 from ovdet.model.exemplar_encoder import ExemplarEncoder
 from ovdet.media.sources import load_image
-from ovdet.text.tower import TextEncoder
 from ovdet.tiling import TileSpec, detect_tiled, tile_source, tile_spec
 from ovdet.masks.base import MaskPart, Segmenter, paste
 from ovdet.masks.regions import segment_windows
 from ovdet.masks.rle import DATA_KEY as MASK_RLE_KEY
 from ovdet.masks.rle import encode_part
 from ovdet.masks.table import create_segmenter
+from ovdet.util.device import cpu_float32
 from ovdet.util.hashing import state_digest
 from ovdet.model.world import WorldDetector
+
+if TYPE_CHECKING:  # torch is imported only where a torch model or tensor is used, not by a warm exported backend
+    import torch
+
+    from ovdet.text.tower import TextEncoder
 
 
 def parse_class_names(classes: str | Sequence[str]) -> list[str]:
@@ -84,7 +88,8 @@ class OVDetector:
                                         calib=cfg.calib, calib_imgsz=cfg.imgsz)
         self.imgsz = cfg.imgsz or self.world.train_imgsz  # default: the size the checkpoint was trained at
         self.conf, self.iou, self.max_det = cfg.conf, cfg.iou, cfg.max_det
-        self._text = LazyTextEncoder(cfg.text_model, device=self.device, embedded_state=self.world.text_encoder_state)
+        self._text = LazyTextEncoder(cfg.text_model, device=self.world.device_name,
+                                     embedded_state=self.world.text_encoder_state)
         self._exemplars = ExemplarEncoder(self.world, lambda: self.imgsz, self._text.cache, cfg.text_model,
                                           embedded_tower=self.world.text_encoder_state is not None)
         self._spec: ClassSpec | None = None
@@ -124,6 +129,7 @@ class OVDetector:
 
     @property
     def device(self) -> torch.device:
+        """The device it runs on (a torch.device: imports torch)."""
         return self.world.device
 
     @property
@@ -178,16 +184,19 @@ class OVDetector:
         embeddings = spec.embed(self._text.encode, self._exemplars.encode)
         self._use(spec, embeddings, source=self._text.identity)
 
-    def set_embeddings(self, names: Sequence[str] | ClassSpec, embeddings: torch.Tensor) -> None:
-        """Use precomputed text embeddings (skips the text tower): [C, D] for C class names, or for a ClassSpec
-        one row per entry of `spec.columns` (each phrasing, negatives last)."""
+    def set_embeddings(self, names: Sequence[str] | ClassSpec, embeddings: np.ndarray | torch.Tensor) -> None:
+        """Use precomputed text embeddings (skips the text tower), numpy or torch: [C, D] for C class names, or for a
+        ClassSpec one row per entry of `spec.columns` (each phrasing, negatives last)."""
+        import torch
+
         if isinstance(names, ClassSpec):
             spec = parse_classes(names)  # checked like a parsed one
         else:
             spec = ClassSpec.from_names(parse_class_names(list(names)))
-        self._use(spec, embeddings, source=f"given@{state_digest({'embeddings': embeddings.float()})}")
+        rows = cpu_float32(embeddings)
+        self._use(spec, rows, source=f"given@{state_digest({'embeddings': torch.from_numpy(rows)})}")
 
-    def _use(self, spec: ClassSpec, embeddings: torch.Tensor, source: str) -> None:
+    def _use(self, spec: ClassSpec, embeddings: np.ndarray, source: str) -> None:
         if len(spec.columns) != len(embeddings):
             what = "class names" if spec.is_plain else "phrasings (ClassSpec.columns)"
             raise ClassSpecError(f"{len(spec.columns)} {what} but {len(embeddings)} embeddings: give one per "
@@ -264,7 +273,7 @@ class OVDetector:
             return masks
         key = str(masks)
         if key not in self._segmenters:
-            self._segmenters[key] = create_segmenter(masks, device=self.device,
+            self._segmenters[key] = create_segmenter(masks, device=self.world.device_name,
                                                      trust_weights=self._config.trust_weights)
         return self._segmenters[key]
 
@@ -274,8 +283,7 @@ class OVDetector:
 
         return stream(self, source, track=track, **kwargs)
 
-    def _to_detections(self, det: torch.Tensor) -> sv.Detections:
-        arr = det.numpy()
+    def _to_detections(self, arr: np.ndarray) -> sv.Detections:
         class_id = arr[:, 5].astype(int)
         return sv.Detections(
             xyxy=arr[:, :4].astype(np.float32),

@@ -14,7 +14,7 @@ import torch
 from ultralytics.nn.modules.head import WorldDetect
 from ultralytics.nn.tasks import WorldModel
 
-from ovdet.model.world import _quiet_ultralytics
+from ovdet.weights.checkpoint import _quiet_ultralytics
 
 
 # The files that take longest run first: with pytest-xdist (`-n 2`; pyproject sets --dist loadfile, which keeps each

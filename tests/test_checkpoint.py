@@ -24,7 +24,8 @@ from ovdet.weights.checkpoint import (ALLOWED_GLOBALS, check_model_config, conve
 from ovdet.cli import main
 from ovdet.errors import WeightsCorruptError, WeightsUnsafeError
 from ovdet.weights.registry import DEMO_FILE, import_weights, weights_dir
-from ovdet.model.world import _quiet_ultralytics, load_world_checkpoint
+from ovdet.model.world import load_world_checkpoint
+from ovdet.weights.checkpoint import _quiet_ultralytics
 
 WORLD_CONFIGS = [f"yolov8{size}-{version}.yaml" for version in ("world", "worldv2") for size in "smlx"]
 

@@ -289,7 +289,7 @@ def random_checkpoint(tmp_path):
     from ultralytics.nn.tasks import WorldModel
 
     from ovdet.text.tower import TextEncoder
-    from ovdet.model.world import TEXT_ENCODER_KEY, _quiet_ultralytics
+    from ovdet.weights.checkpoint import TEXT_ENCODER_KEY, _quiet_ultralytics
 
     torch.manual_seed(0)
     with _quiet_ultralytics():

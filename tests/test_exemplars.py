@@ -194,6 +194,8 @@ def test_list_items_join_their_class_and_rows_are_fused(ref):
     assert [c for _, c in spec.columns] == [0, 0, 1, -1, -1]
     encode, encode_exemplars, vector, texts = _fake_encoders()
     rows = spec.embed(encode, encode_exemplars)
+    assert isinstance(rows, np.ndarray) and rows.dtype == np.float32
+    rows = torch.from_numpy(rows)
     assert texts == [["forklift", "lift truck", "glare"]]  # exemplar-only classes encode no words
     mean = mean_embedding(torch.stack([vector(near.key), vector(far.key)]), [1, 3])
     assert torch.allclose(rows[0], fuse(vector("forklift")[None], mean, DEFAULT_FUSE)[0], atol=1e-6)

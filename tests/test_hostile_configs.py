@@ -22,7 +22,8 @@ from ovdet.cli import main
 from ovdet.errors import DatasetError, ModelError, OVDetWarning, WeightsUnsafeError
 from ovdet.weights.modelconfig import build_world_model, check_model_config, read_model_yaml
 from ovdet.jobs.train import OVDetWorldTrainer, prepare_data
-from ovdet.model.world import WorldDetector, _quiet_ultralytics, load_world_checkpoint
+from ovdet.model.world import WorldDetector, load_world_checkpoint
+from ovdet.weights.checkpoint import _quiet_ultralytics
 
 REAL_CONFIGS = [f"yolov8{size}-{version}.yaml" for version in ("world", "worldv2") for size in "nsmlx"]
 
@@ -297,8 +298,6 @@ def test_a_clean_data_yaml_is_passed_on_as_checked_data(tmp_path):
 
 def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tmp_path, monkeypatch,
                                                                              tiny_text_encoder):
-    import ovdet.model.world as world
-
     path, model = tmp_path / "big.pt", random_world_model()
     torch.save({"model": model, "train_args": {"imgsz": 40000}}, path)
     sizes = []
@@ -308,8 +307,10 @@ def test_checkpoint_imgsz_beyond_the_cap_falls_back_to_640_without_allocating(tm
         assert max(new_shape) <= 8192, f"a {new_shape} letterbox would allocate gigabytes"
         return real(new_shape, **kw)
 
-    real = world.LetterBox
-    monkeypatch.setattr(world, "LetterBox", letterbox)
+    import ultralytics.data.augment as augment  # the torch backend's letterbox (imported where it is used)
+
+    real = augment.LetterBox
+    monkeypatch.setattr(augment, "LetterBox", letterbox)
     with pytest.warns(OVDetWarning, match="imgsz 40000"):
         det = OVDetector(path, text_model=tiny_text_encoder, device="cpu")
     assert det.imgsz == 640

@@ -17,7 +17,8 @@ from ovdet.errors import DatasetError
 from ovdet.jobs.synth import WorldSpec, generate
 from ovdet.text.tower import TextEncoder
 from ovdet.jobs.train import prepare_data
-from ovdet.model.world import TEXT_ENCODER_KEY, load_world_checkpoint
+from ovdet.model.world import load_world_checkpoint
+from ovdet.weights.checkpoint import TEXT_ENCODER_KEY
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_old_runs_without_split_settings_still_resume(src, tmp_path):
 def test_ultralytics_trains_on_both_splits(src, tmp_path):
     from ultralytics import YOLO
 
-    from ovdet.model.world import _quiet_ultralytics
+    from ovdet.weights.checkpoint import _quiet_ultralytics
 
     out = tmp_path / "out"
     run(src, out, val_split=0.3)

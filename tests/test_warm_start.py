@@ -102,3 +102,56 @@ def test_a_training_size_warning_is_given_on_every_start(tmp_path, tiny_text_enc
         assert det.imgsz == 640
     assert not det.world.model_loaded  # the second start came from the facts
 
+
+
+PROBE = """
+import json, sys
+from ovdet.cli import main
+code = main()
+heavy = sorted(m for m in ("torch", "torchvision", "ultralytics", "transformers") if m in sys.modules)
+print("HEAVY " + json.dumps(heavy))
+sys.exit(code)
+"""
+
+
+def _cli_detect(image, *args: str) -> tuple[list[dict], list[str]]:
+    """`ovdet detect IMAGE --json ...` in a fresh process: its detections, and which heavy libraries it imported."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", PROBE, "detect", str(image), "--json", *args], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OVDET_BACKEND": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    heavy = json.loads(next(line for line in lines if line.startswith("HEAVY "))[6:])
+    found = [d for line in lines if line.startswith("{") for d in json.loads(line)["detections"]]
+    return found, heavy
+
+
+def test_a_warm_cli_detect_on_openvino_imports_no_torch(checkpoint, tmp_path):
+    """The second `ovdet detect` (compiled model, facts and embeddings cached) runs without torch, ultralytics or
+    transformers, and finds what the first run (which exported the model) and the torch backend found."""
+    import cv2
+
+    from ovdet.util.device import only_cpu_here
+
+    image = tmp_path / "scene.png"
+    cv2.imwrite(str(image), scene(90, 120))
+    common = ("--model", str(checkpoint), "--classes", CLASSES, "--conf", "0.05")
+    cold, heavy = _cli_detect(image, *common, "--device", "cpu", "--backend", "openvino", "--precision", "fp32")
+    assert "torch" in heavy  # the first run exported the graph with torch
+    warm, heavy = _cli_detect(image, *common, "--device", "cpu", "--backend", "openvino", "--precision", "fp32")
+    assert heavy == []
+    assert warm == cold  # the same computation (the same compiled model) in two processes
+    if only_cpu_here():  # the defaults (device auto, backend auto) know there is no GPU without asking torch
+        default, heavy = _cli_detect(image, *common)
+        assert heavy == [] and default == cold
+    reference = OVDetector(checkpoint, device="cpu", backend="torch")
+    reference.set_classes(CLASSES)
+    want = reference.detect(scene(90, 120), conf=0.05)
+    assert len(warm) == len(want) > 0
+    # across runtimes, and printed rounded to 0.1 px and 4 decimals
+    np.testing.assert_allclose([d["xyxy"] for d in warm], want.xyxy, rtol=0, atol=0.1)
+    np.testing.assert_allclose([d["score"] for d in warm], want.confidence, rtol=0, atol=2e-4)
+    assert [d["class"] for d in warm] == list(want.data["class_name"])

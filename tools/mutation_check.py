@@ -125,10 +125,10 @@ MUTATIONS: list[Mutation] = [
       "merging tile boxes suppresses boxes of other classes"),
     # --- backends and caches
     M("openvino-same-k-vocabulary-ignored", "ovdet/backends/openvino_backend.py",
-      "        self._request.infer({graph.IMAGES: images, graph.TEXT: txt})",
+      "        self._request.infer({IMAGES: images, TEXT: txt})",
       '        if getattr(self, "_txt_shape", None) != txt.shape:\n'
       "            self._txt, self._txt_shape = txt, txt.shape\n"
-      "        self._request.infer({graph.IMAGES: images, graph.TEXT: self._txt})",
+      "        self._request.infer({IMAGES: images, TEXT: self._txt})",
       ("tests/test_backends.py::test_openvino_follows_a_vocabulary_change_that_keeps_the_class_count",),
       "OpenVINO keeps the first vocabulary's embeddings while the number of classes stays the same"),
     M("compiled-cache-key-without-model", "ovdet/backends/base.py",

@@ -12,18 +12,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ovdet.backends.base import Backend, BuildInfo, Calibration, ExportedBackend
 from ovdet.backends.cache import CompiledCache, compiled_dir
-from ovdet.backends.graph import IMAGES, OUTPUT, TEXT, LiveWorldGraph, export_onnx
-from ovdet.backends.table import TABLE, BackendSpec
+from ovdet.backends.table import IMAGES, OUTPUT, TABLE, TEXT, BackendSpec
 from ovdet.errors import ModelError
+from ovdet.util.device import device_type
 from ovdet.options import BACKEND_ENV  # defined there so that the CLI parser needs no torch
 from ovdet.options import BACKEND_PRECISIONS as PRECISIONS  # every precision of TABLE, in the order options list it
 from ovdet.options import PRECISION_AUTO  # precision="auto" (or None): the backend's own choice
+
+if TYPE_CHECKING:
+    import torch
+
+    from ovdet.backends.graph import LiveWorldGraph, export_onnx
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "PRECISIONS", "PRECISION_AUTO", "IMAGES", "OUTPUT", "TABLE", "TEXT", "Backend", "BackendChoice",
            "BackendSpec", "BuildInfo", "Calibration", "CompiledCache", "ExportedBackend", "LiveWorldGraph",
@@ -34,14 +37,26 @@ BACKENDS = ("auto", *TABLE)  # what backend= accepts (ovdet.options.BACKENDS, fo
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """What runs: backend name, device, precision, and why (`reason`: how backend `auto` chose;
-    `precision_reason`: how the precision was chosen when none was asked for)."""
+    """What runs: backend name, device (by name: "cpu", "cuda:1"), precision, and why (`reason`: how backend `auto`
+    chose; `precision_reason`: how the precision was chosen when none was asked for)."""
 
     name: str
-    device: torch.device
+    device_name: str
     precision: str
     reason: str = ""
     precision_reason: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        """The device as a torch.device (imports torch: the exported backends on a CPU never ask)."""
+        import torch
+
+        return torch.device(self.device_name)
+
+    @property
+    def device_type(self) -> str:
+        """"cpu", "cuda" or "mps"."""
+        return device_type(self.device_name)
 
     @property
     def spec(self) -> BackendSpec:
@@ -57,7 +72,7 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
     installed, else torch. Precision `auto` (or None) is the backend's `auto_precision`: bf16 for OpenVINO on a CPU
     with native bf16, fp16 for torch / TensorRT on CUDA (half=False: fp32), fp32 elsewhere; `half=True` means
     precision fp16. A precision the backend's table row does not list is refused."""
-    from ovdet.util.device import select_device
+    from ovdet.util import device as devices
 
     name = (backend or "auto").strip().lower()
     reason = ""
@@ -73,23 +88,24 @@ def resolve(backend: str | None = "auto", device: str | torch.device = "auto", h
         raise ModelError(f"half={half} contradicts precision={precision!r}: give only one of them.")
     if half and precision is None:
         precision = "fp16"
-    dev = select_device(device or "auto")
+    dev = devices.device_name(device or "auto")
+    kind = devices.device_type(dev)
     spec = TABLE.get(name)
-    if device in ("auto", None) and spec is not None and dev.type not in spec.devices and "cpu" in spec.devices:
-        dev = torch.device("cpu")  # auto: a backend that cannot run on the chosen device runs on the CPU
+    if device in ("auto", None) and spec is not None and kind not in spec.devices and "cpu" in spec.devices:
+        dev = kind = "cpu"  # auto: a backend that cannot run on the chosen device runs on the CPU
     if name == "auto":
-        if dev.type == "cpu" and TABLE["openvino"].available():
+        if kind == "cpu" and TABLE["openvino"].available():
             name, reason = "openvino", "auto: OpenVINO on a CPU"
-        elif dev.type == "cuda" and TABLE["tensorrt"].available():
+        elif kind == "cuda" and TABLE["tensorrt"].available():
             name, reason = "tensorrt", "auto: TensorRT on CUDA"
         else:
             name = "torch"
-            reason = ("auto: openvino is not installed" if dev.type == "cpu" else
-                      "auto: tensorrt is not available" if dev.type == "cuda" else f"auto: {dev.type}")
+            reason = ("auto: openvino is not installed" if kind == "cpu" else
+                      "auto: tensorrt is not available" if kind == "cuda" else f"auto: {kind}")
     cls = TABLE[name].load()
     precision_reason = ""
     if precision is None:
-        precision, precision_reason = cls.auto_precision(dev, half)
+        precision, precision_reason = cls.auto_precision(kind, half)
     cls.check_precision(precision)
     return BackendChoice(name, dev, precision, reason, precision_reason)
 
@@ -99,5 +115,14 @@ def create_backend(choice: BackendChoice, model: Any, model_id: Callable[[], str
                    cache: CompiledCache | None = None) -> Backend:
     """The backend `choice` names, for `model` (a fused WorldModel): torch runs it, the others export it lazily."""
     cls = choice.spec.load()
-    return cls(model, choice.precision, choice.device, threads, model_id=model_id, calibration=calibration,
+    return cls(model, choice.precision, choice.device_name, threads, model_id=model_id, calibration=calibration,
                cache=cache)
+
+
+def __getattr__(name: str) -> Any:
+    """The export machinery (torch, ultralytics) is imported when first asked for, not with the backends."""
+    if name in ("LiveWorldGraph", "export_onnx"):
+        from ovdet.backends import graph
+
+        return getattr(graph, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,20 +3,24 @@ live-vocabulary graph."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from ovdet.backends.cache import CompiledCache, library_versions
 from ovdet.backends.table import BackendSpec
 from ovdet.errors import ModelError
+from ovdet.util.device import default_threads, device_type
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Backend(ABC):
@@ -25,30 +29,40 @@ class Backend(ABC):
 
     Given: `model`, the fused WorldModel (on `device` for torch; a CPU copy that the exported backends export, or
     for them a function that returns it: called only when the compiled model is not in the cache),
-    `precision` (one of `spec.precisions`, else a ModelError that says what to use), `device`, `threads` (None: the
-    backend's default), and for backends that compile the model: `model_id()` (the weights' identity, part of the
-    cache key), `calibration()` (int8 calibration data) and the compiled-model `cache`.
+    `precision` (one of `spec.precisions`, else a ModelError that says what to use), `device` (a name such as "cpu"
+    or "cuda:0", or a torch.device), `threads` (None: the backend's default), and for backends that compile the
+    model: `model_id()` (the weights' identity, part of the cache key), `calibration()` (int8 calibration data) and the compiled-model `cache`.
     `run(batch, txt_feats)`: letterboxed batch [B,3,H,W] RGB 0..1 and text embeddings [1 or B, K, D] in, raw head
     output [B, 4+K, A] out (xywh boxes in input pixels, then one sigmoid score per embedding row), on the batch's
-    device. `name`, `precision` and `threads` say what runs (`describe()`, the backend line); `exports` counts the
+    device. Exported backends also take numpy arrays in `run_arrays`, the same contract without torch. `name`,
+    `precision` and `threads` say what runs (`describe()`, the backend line); `exports` counts the
     graphs this instance exported (a vocabulary change never adds one)."""
 
     spec: ClassVar[BackendSpec]
+    takes_arrays: ClassVar[bool] = True  # run_arrays is its own path (numpy in and out, no torch needed)
 
-    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None, *,
+    def __init__(self, model: Any, precision: str, device: str | torch.device, threads: int | None = None, *,
                  model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
                  cache: CompiledCache | None = None):
         self.check_precision(precision)
         self._model = model
         self.precision = precision
-        self.device = device
+        self.device_name = str(device)
+        self.device_type = device_type(self.device_name)
         self.exports = 0
+
+    @property
+    def device(self) -> torch.device:
+        """The device it runs on, as a torch.device (imports torch)."""
+        import torch
+
+        return torch.device(self.device_name)
 
     @property
     def model(self) -> Any:
         """The fused WorldModel; an exported backend may be given a function that reads it, called only when the
         compiled model has to be built."""
-        if not isinstance(self._model, torch.nn.Module) and callable(self._model):
+        if not is_torch_module(self._model) and callable(self._model):
             self._model = self._model()
         return self._model
 
@@ -72,10 +86,11 @@ class Backend(ABC):
                 "those, or --backend openvino for bf16 / int8 on a CPU, tensorrt or torch for fp16 on a GPU.")
 
     @classmethod
-    def auto_precision(cls, device: torch.device, half: bool | None = None) -> tuple[str, str]:
-        """The precision it runs when none is asked for, and why in a few words (the backend line shows them):
-        fp16 where the row lists it and the device is CUDA (unless `half` is False), else fp32."""
-        if "fp16" in cls.spec.precisions and device.type == "cuda" and half is not False:
+    def auto_precision(cls, device_type: str, half: bool | None = None) -> tuple[str, str]:
+        """The precision it runs when none is asked for on a device of `device_type` ("cpu", "cuda", "mps"), and why
+        in a few words (the backend line shows them): fp16 where the row lists it and the device is CUDA (unless
+        `half` is False), else fp32."""
+        if "fp16" in cls.spec.precisions and device_type == "cuda" and half is not False:
             return "fp16", "fp16 on CUDA"
         return "fp32", ""
 
@@ -100,7 +115,7 @@ class Calibration:
 
     digest: str
     source: str
-    inputs: Callable[[torch.Tensor], Sequence[tuple[np.ndarray, np.ndarray]]]
+    inputs: Callable[[np.ndarray], Sequence[tuple[np.ndarray, np.ndarray]]]
 
 
 @dataclass
@@ -115,17 +130,18 @@ class BuildInfo:
 
 class ExportedBackend(Backend):
     """A backend whose model is the live-vocabulary graph exported once (ONNX, then the runtime's format),
-    kept in the compiled-model cache, and loaded lazily on the first run. `threads` None means torch's current
-    count. Subclasses set `spec` and implement `_build(folder)`, `_load(folder)` and `_infer(images, txt)`."""
+    kept in the compiled-model cache, and loaded lazily on the first run. `threads` None means torch's thread count
+    (ovdet.util.device.default_threads: known without loading torch). Subclasses set `spec` and implement
+    `_build(folder)`, `_load(folder)` and `_infer(images, txt)`."""
 
-    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None, *,
+    def __init__(self, model: Any, precision: str, device: str | torch.device, threads: int | None = None, *,
                  model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
                  cache: CompiledCache | None = None):
         super().__init__(model, precision, device, threads)
         if model_id is None:
             raise TypeError(f"{type(self).__name__} needs model_id: the weights' identity names its cache entry")
         self._model_id = model_id
-        self._threads = int(threads) if threads else torch.get_num_threads()
+        self._threads = int(threads) if threads else default_threads()
         self._calibration = calibration
         self.cache = cache or CompiledCache()
         self.build_info: BuildInfo | None = None
@@ -140,12 +156,12 @@ class ExportedBackend(Backend):
         """What the cached file holds: precisions that only differ in how the runtime compiles share a file."""
         return self.precision
 
-    def prepare(self, txt_feats: torch.Tensor | None = None) -> BuildInfo:
+    def prepare(self, txt_feats: np.ndarray | None = None) -> BuildInfo:
         """Load the compiled model from the cache, exporting and converting it first if it is not there."""
         with self._lock:
             return self._prepare(txt_feats)
 
-    def _prepare(self, txt_feats: torch.Tensor | None) -> BuildInfo:
+    def _prepare(self, txt_feats: np.ndarray | None) -> BuildInfo:
         if self.build_info is not None:
             return self.build_info
         start = time.perf_counter()
@@ -172,15 +188,21 @@ class ExportedBackend(Backend):
         return ()
 
     def run(self, batch: torch.Tensor, txt_feats: torch.Tensor) -> torch.Tensor:
-        images = np.ascontiguousarray(batch.detach().float().cpu().numpy())
-        txt = np.ascontiguousarray(txt_feats.detach().float().cpu().numpy())
-        with self._lock:
-            if self.build_info is None:
-                self._prepare(txt_feats)
-            out = self._infer(images, txt)
+        import torch
+
+        out = self.run_arrays(batch.detach().float().cpu().numpy(), txt_feats.detach().float().cpu().numpy())
         return torch.from_numpy(out).to(batch.device)
 
-    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: torch.Tensor | None) -> None:
+    def run_arrays(self, images: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        """`run` on numpy arrays (float32 [B,3,H,W] and [1 or B, K, D]), without torch: the raw head output."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        txt = np.ascontiguousarray(txt, dtype=np.float32)
+        with self._lock:
+            if self.build_info is None:
+                self._prepare(txt)
+            return self._infer(images, txt)
+
+    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: np.ndarray | None) -> None:
         raise NotImplementedError
 
     def _load(self, folder: Path) -> Any:
@@ -191,3 +213,9 @@ class ExportedBackend(Backend):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.precision}, threads={self.threads})"
+
+
+def is_torch_module(obj: Any) -> bool:
+    """Whether `obj` is a torch.nn.Module, asked without importing torch (if torch is not loaded, it is not one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)

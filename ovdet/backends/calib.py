@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ovdet.backends.base import Calibration
 from ovdet.errors import DatasetError, ModelError
@@ -48,7 +47,7 @@ def calibration_files(calib: str | os.PathLike | None) -> tuple[list[Path], Path
 
 
 def make_calibration(calib: str | os.PathLike | None, imgsz: int,
-                     preprocess: Callable[[list[np.ndarray], int], torch.Tensor]) -> Calibration:
+                     preprocess: Callable[[list[np.ndarray], int], np.ndarray]) -> Calibration:
     """A Calibration over the files of `calib`, letterboxed at `imgsz` by `preprocess` (as detection does).
     Its digest covers the files' bytes and imgsz, so other images give another cached int8 model."""
     from ovdet.media.sources import load_image
@@ -58,12 +57,12 @@ def make_calibration(calib: str | os.PathLike | None, imgsz: int,
     for f in files:
         digest.update(hashlib.sha256(f.read_bytes()).digest())
 
-    def inputs(txt_feats: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-        txt = np.ascontiguousarray(txt_feats.detach().float().cpu().numpy())
+    def inputs(txt_feats: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        txt = np.ascontiguousarray(txt_feats, dtype=np.float32)
         out = []
         for f in files:
             batch = preprocess([load_image(f)], imgsz)
-            out.append((np.ascontiguousarray(batch.float().cpu().numpy()), txt))
+            out.append((np.ascontiguousarray(batch, dtype=np.float32), txt))
         return out
 
     return Calibration(digest=digest.hexdigest()[:16], source=str(folder), inputs=inputs)

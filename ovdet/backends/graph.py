@@ -13,7 +13,7 @@ from ultralytics.nn.modules.head import WorldDetect
 from ultralytics.nn.tasks import WorldModel
 from ultralytics.utils.tal import dist2bbox
 
-IMAGES, TEXT, OUTPUT = "images", "txt_feats", "output"  # tensor names of every exported graph
+from ovdet.backends.table import IMAGES, OUTPUT, TEXT  # tensor names of every exported graph
 
 
 def _adaptive_max_pool(x: torch.Tensor, k: int) -> torch.Tensor:

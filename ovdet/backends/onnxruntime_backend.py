@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from ovdet.backends import graph
+import numpy as np
+
 from ovdet.backends.base import Calibration, ExportedBackend
 from ovdet.backends.cache import require_module
-from ovdet.backends.table import TABLE
+from ovdet.backends.table import IMAGES, OUTPUT, TABLE, TEXT
+
+if TYPE_CHECKING:
+    import torch
 from ovdet.errors import ModelError
 
 INSTALL = 'pip install "ovdet[onnx]" (or pip install onnxruntime; onnxruntime-gpu for CUDA)'
@@ -29,16 +32,16 @@ class ONNXRuntimeBackend(ExportedBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._ort = require_module("onnxruntime", INSTALL, "The onnxruntime backend")
-        if self.device.type == "cuda":
+        if self.device_type == "cuda":
             if "CUDAExecutionProvider" not in self._ort.get_available_providers():
                 raise ModelError("This onnxruntime has no CUDA execution provider: pip install onnxruntime-gpu, or "
                                  "use device='cpu'.")
-            self.providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+            self.providers = [("CUDAExecutionProvider", {"device_id": int(self.device_name.partition(":")[2] or 0)}),
                               "CPUExecutionProvider"]
-        elif self.device.type == "cpu":
+        elif self.device_type == "cpu":
             self.providers = ["CPUExecutionProvider"]
         else:
-            raise ModelError(f"The onnxruntime backend runs on the CPU or CUDA, not {self.device}: use device='cpu'.")
+            raise ModelError(f"The onnxruntime backend runs on the CPU or CUDA, not {self.device_name}: use device='cpu'.")
 
     @classmethod
     def precision_message(cls, precision: str) -> str:
@@ -49,6 +52,8 @@ class ONNXRuntimeBackend(ExportedBackend):
         return ("onnx",)
 
     def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: torch.Tensor | None) -> None:
+        from ovdet.backends import graph
+
         graph.export_onnx(self.model, folder / "model.onnx")
 
     def _load(self, folder: Path):
@@ -62,4 +67,4 @@ class ONNXRuntimeBackend(ExportedBackend):
         return ort.InferenceSession(str(folder / "model.onnx"), options, providers=self.providers)
 
     def _infer(self, images: np.ndarray, txt: np.ndarray) -> np.ndarray:
-        return self._runner.run([graph.OUTPUT], {graph.IMAGES: images, graph.TEXT: txt})[0]
+        return self._runner.run([OUTPUT], {IMAGES: images, TEXT: txt})[0]

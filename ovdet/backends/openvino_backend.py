@@ -21,12 +21,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ovdet.backends import graph
 from ovdet.backends.base import Calibration, ExportedBackend
 from ovdet.backends.cache import require_installed, require_module
-from ovdet.backends.table import TABLE
+from ovdet.backends.table import IMAGES, TABLE, TEXT
 from ovdet.errors import ModelError
 
 INSTALL = "pip install openvino (a dependency of ovdet: reinstall ovdet)"
@@ -65,7 +63,7 @@ class OpenVINOBackend(ExportedBackend):
     spec = TABLE["openvino"]
 
     @classmethod
-    def auto_precision(cls, device: torch.device, half: bool | None = None) -> tuple[str, str]:
+    def auto_precision(cls, device_type: str, half: bool | None = None) -> tuple[str, str]:
         """bf16 where the CPU runs it natively (OpenVINO's own default there; ~1.8x fp32's speed for the same mAP on
         the demo, README Backends), fp32 elsewhere, where OpenVINO would run a bf16 request as fp32 anyway."""
         if "BF16" in cpu_capabilities():
@@ -74,8 +72,8 @@ class OpenVINOBackend(ExportedBackend):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.device.type != "cpu":
-            raise ModelError(f"The openvino backend runs on the CPU, not {self.device}: use device='cpu' (--device "
+        if self.device_type != "cpu":
+            raise ModelError(f"The openvino backend runs on the CPU, not {self.device_name}: use device='cpu' (--device "
                              "cpu), or backend='tensorrt' / 'torch' on a GPU.")
         self._ov = require_module("openvino", INSTALL, "The openvino backend")
         if self.precision == "bf16" and "BF16" not in cpu_capabilities():
@@ -94,7 +92,9 @@ class OpenVINOBackend(ExportedBackend):
     def extra_packages(self, kind: str) -> tuple[str, ...]:
         return ("nncf", "onnx") if kind.startswith("int8") else ("onnx",)
 
-    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: torch.Tensor | None) -> None:
+    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: np.ndarray | None) -> None:
+        from ovdet.backends import graph
+
         ov = self._ov
         onnx_path = graph.export_onnx(self.model, folder / "graph.onnx")
         model = ov.convert_model(str(onnx_path))
@@ -151,7 +151,7 @@ class OpenVINOBackend(ExportedBackend):
             requests = self._throughput_model()[1]
             if len(requests) > 1:
                 return _in_flight(requests, images, txt)
-        self._request.infer({graph.IMAGES: images, graph.TEXT: txt})
+        self._request.infer({IMAGES: images, TEXT: txt})
         return self._request.get_output_tensor(0).data.copy()
 
 
@@ -161,8 +161,8 @@ def _in_flight(requests: list, images: np.ndarray, txt: np.ndarray) -> np.ndarra
     parts = np.array_split(np.arange(len(images)), min(len(requests), len(images)))
     per_image = len(txt) == len(images) and len(txt) > 1
     for request, part in zip(requests, parts):
-        request.start_async({graph.IMAGES: np.ascontiguousarray(images[part[0]:part[-1] + 1]),
-                             graph.TEXT: np.ascontiguousarray(txt[part[0]:part[-1] + 1]) if per_image else txt})
+        request.start_async({IMAGES: np.ascontiguousarray(images[part[0]:part[-1] + 1]),
+                             TEXT: np.ascontiguousarray(txt[part[0]:part[-1] + 1]) if per_image else txt})
     out = []
     for request, _ in zip(requests, parts):
         request.wait()
@@ -181,7 +181,7 @@ def _blob_dir(folder: Path) -> Path | None:
     return blobs if os.access(blobs, os.W_OK | os.X_OK) else None
 
 
-def _quantize(model, calibration: Calibration, txt_feats: torch.Tensor | None):
+def _quantize(model, calibration: Calibration, txt_feats: np.ndarray | None):
     """NNCF post-training quantization of the convolutions on the calibration images."""
     nncf = require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")
 
@@ -192,7 +192,7 @@ def _quantize(model, calibration: Calibration, txt_feats: torch.Tensor | None):
     if not items:
         raise ModelError(f"No calibration images in {calibration.source}: give calib=DIR with a few dozen images "
                          "like the ones you will detect in.")
-    dataset = nncf.Dataset(items, lambda item: {graph.IMAGES: item[0], graph.TEXT: item[1]})
+    dataset = nncf.Dataset(items, lambda item: {IMAGES: item[0], TEXT: item[1]})
     level = nncf.nncf_logger.level
     nncf.set_log_level(logging.WARNING)  # not one INFO line per layer it leaves alone
     try:

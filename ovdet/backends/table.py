@@ -13,6 +13,8 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+IMAGES, TEXT, OUTPUT = "images", "txt_feats", "output"  # tensor names of every exported graph (ovdet.backends.graph)
+
 
 @dataclass(frozen=True)
 class ExportFormat:

@@ -20,10 +20,11 @@ class TensorRTBackend(ExportedBackend):
     GPU model and TensorRT version, which are part of the cache key."""
 
     spec = TABLE["tensorrt"]
+    takes_arrays = False  # it runs CUDA tensors in place (run), never numpy
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.device.type != "cuda":
+        if self.device_type != "cuda":
             raise ModelError(f"The tensorrt backend runs on an NVIDIA GPU, not {self.device}: use device='cuda', or "
                              "backend='openvino' / 'torch' on a CPU.")
         require_tensorrt()  # a clear ModelError when tensorrt is missing

@@ -26,11 +26,13 @@ class TorchBackend(Backend):
 
     spec = TABLE["torch"]
 
-    def __init__(self, model: Any, precision: str, device: torch.device, threads: int | None = None, *,
+    takes_arrays = False  # it runs torch tensors on its device
+
+    def __init__(self, model: Any, precision: str, device: str | torch.device, threads: int | None = None, *,
                  model_id: Callable[[], str] | None = None, calibration: Callable[[], Calibration] | None = None,
                  cache: CompiledCache | None = None):
         super().__init__(model, precision, device, threads)
-        if precision == "fp16" and device.type == "cpu":
+        if precision == "fp16" and self.device_type == "cpu":
             raise ModelError("fp16 needs a GPU: fp16 convolutions are not supported on CPU; use precision fp32, or "
                              "bf16 / int8 with --backend openvino.")
         if threads is not None:

@@ -106,7 +106,7 @@ def _save(args: argparse.Namespace, spec: ClassSpec, cache, detector=None) -> No
 
         encode_exemplars = ExemplarEncoder(detector.world, lambda: detector.imgsz, cache, args.text_model,
                                            embedded_tower=state is not None).encode
-    rows = spec.embed(tower.encode, encode_exemplars).float().cpu().numpy()
+    rows = spec.embed(tower.encode, encode_exemplars)
     np.save(args.save, rows)
     names = [f"{phrase}" + (" (negative)" if column < 0 else "") for phrase, column in spec.columns]
     print(f"embeddings [{rows.shape[0]}, {rows.shape[1]}] -> {shown(args.save)}  (rows: {shown(', '.join(names))})")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ovdet.backends.table import EXPORT_PRECISIONS as PRECISIONS
@@ -20,6 +21,7 @@ from ovdet.errors import ClassSpecError, ModelError
 from ovdet.text.prompts import ClassSpec, parse_classes
 from ovdet.text.tower import TextEncoder
 from ovdet.model.world import WorldDetector
+from ovdet.util.device import cpu_float32
 
 # the formats and precisions come from the backend table (ovdet.options repeats them for the CLI parser, without
 # torch): format -> how ultralytics recognises a baked export by its name (AutoBackend looks at the suffix), and
@@ -125,7 +127,8 @@ def export_model(model: str | Path = "yolov8s-worldv2", format: str = "onnx",
     return ExportResult(path, fmt, precision, size, spec.names, time.perf_counter() - start)
 
 
-def export_baked(world: WorldDetector, names: Sequence[str], embeddings: torch.Tensor, fmt: str, out: Path,
+def export_baked(world: WorldDetector, names: Sequence[str], embeddings: np.ndarray | torch.Tensor, fmt: str,
+                 out: Path,
                  precision: str = "fp32", imgsz: int = 640, calib: str | Path | None = None, batch: int = 1,
                  dynamic: bool = False) -> Path:
     """Set `embeddings` ([C, D], one row per name) on the model as ultralytics' `set_classes` would, and run
@@ -140,7 +143,7 @@ def export_baked(world: WorldDetector, names: Sequence[str], embeddings: torch.T
         raise ClassSpecError(f"{len(names)} class names but embeddings of shape {tuple(embeddings.shape)}.")
     out = _check_output(out, fmt)
     model = world.model.to(memory_format=torch.contiguous_format)
-    model.txt_feats = embeddings.detach().float().cpu()[None]
+    model.txt_feats = torch.from_numpy(cpu_float32(embeddings))[None]
     model.model[-1].nc = len(names)
     model.names = dict(enumerate(names))
     model.task = "detect"

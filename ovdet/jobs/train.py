@@ -19,12 +19,12 @@ from ultralytics.models.yolo.world import train as world_train
 from ultralytics.nn.tasks import WorldModel
 from ultralytics.utils import DEFAULT_CFG, RANK
 
-from ovdet.weights.checkpoint import TRUST_HINT, load_checkpoint
+from ovdet.weights.checkpoint import TEXT_ENCODER_KEY, TRUST_HINT, load_checkpoint
 from ovdet.errors import DatasetError, ModelError, WeightsUnsafeError
 from ovdet.jobs.evaluate import LabelledDataset, load_dataset
 from ovdet.weights.modelconfig import build_world_model, check_model_config, read_model_yaml
 from ovdet.text.tower import TextEncoder
-from ovdet.model.world import CONFIG_TRUST_HINT, TEXT_ENCODER_KEY, load_world_checkpoint
+from ovdet.model.world import CONFIG_TRUST_HINT, load_world_checkpoint
 from ovdet.util.device import select_device
 
 METRIC_KEYS = {"precision": "metrics/precision(B)", "recall": "metrics/recall(B)",

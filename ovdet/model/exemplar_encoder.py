@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ovdet.errors import ModelError
 from ovdet.text.cache import EmbeddingCache
 from ovdet.text.exemplars import Exemplar, resolved_source
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ExemplarEncoder"]
 
@@ -70,9 +72,10 @@ class ExemplarEncoder:
             self._vision = ImageEncoder.load(self._clip_source(), device=self.world.device)
         return self._vision
 
-    def encode(self, exemplars: Sequence[Exemplar]) -> torch.Tensor:
-        """[N, D] float32 CPU unit embeddings, cached ones read from disk, the others computed and stored."""
-        out = torch.empty(len(exemplars), int(self.world.embed_dim))
+    def encode(self, exemplars: Sequence[Exemplar]) -> np.ndarray:
+        """[N, D] float32 unit embeddings (numpy), cached ones read from disk, the others computed (with torch) and
+        stored."""
+        out = np.empty((len(exemplars), int(self.world.embed_dim)), dtype=np.float32)
         by_source: dict[str, list[int]] = {}
         for i, exemplar in enumerate(exemplars):
             by_source.setdefault(resolved_source(exemplar.source), []).append(i)
@@ -92,7 +95,7 @@ class ExemplarEncoder:
                     raise ModelError(f"The {source} embedding of {exemplars[i]!r} has {vector.shape[0]} values but "
                                      f"this detector's class embeddings have {out.shape[1]}: the CLIP weights do not "
                                      "match it; give the text model it was trained with.")
-                out[i] = torch.tensor(np.asarray(vector, dtype=np.float32))
+                out[i] = np.asarray(vector, dtype=np.float32)
         return out
 
     def _compute(self, source: str, exemplars: list[Exemplar]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import time
 import uuid
 import warnings
@@ -22,17 +23,20 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ovdet.errors import OVDetError, WeightsCorruptError
 from ovdet.options import EMBEDDING_CACHE_MB_ENV as MAX_MB_ENV  # defined there so that the CLI parser needs no torch
-from ovdet.text.tower import TextEncoder
 from ovdet.util.hashing import cached_sha256, state_digest
 from ovdet.util.safeio import TMP_SUFFIX, Folder
 from ovdet.weights.registry import home, resolve_text_model
+
+if TYPE_CHECKING:  # the tower (torch, transformers) is imported only when a prompt is not in the cache
+    import torch
+
+    from ovdet.text.tower import TextEncoder
 
 DEFAULT_MAX_MB = 128.0
 _MAGIC = b"OVDE"
@@ -301,10 +305,10 @@ class LazyTextEncoder:
     def __init__(self, source: str | Path | TextEncoder | None = None, device: str | torch.device = "cpu",
                  embedded_state: Mapping[str, Any] | None = None, cache: EmbeddingCache | None = None):
         self.cache = cache if cache is not None else EmbeddingCache()
-        self.device = torch.device(device)
+        self.device = str(device)
         self._source = source
         self._state = embedded_state if source is None else None
-        self._encoder = source.to(self.device) if isinstance(source, TextEncoder) else None
+        self._encoder = source.to(self.device) if _is_tower(source) else None
         self._resolved: str | Path | None = None
         self._identity: str | None = None
 
@@ -317,7 +321,7 @@ class LazyTextEncoder:
     def identity(self) -> str:
         """Cache identity of the tower (name@sha of its source), computed without loading the model."""
         if self._identity is None:
-            if isinstance(self._source, TextEncoder):
+            if _is_tower(self._source):
                 self._identity = self._source.identity
             elif self._state is not None:  # a lazily read tower (ovdet.model.facts.EmbeddedTower) knows its identity
                 self._identity = getattr(self._state, "identity", None) or state_identity(self._state)
@@ -335,6 +339,8 @@ class LazyTextEncoder:
     def encoder(self) -> TextEncoder:
         """The tower itself, loaded on first use."""
         if self._encoder is None:
+            from ovdet.text.tower import TextEncoder
+
             if self._state is not None:
                 encoder = TextEncoder.from_state(self._state)
             else:
@@ -344,8 +350,9 @@ class LazyTextEncoder:
                 self._identity = self.cache.source_identity(self._resolved)
         return self._encoder
 
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[N, D] float32 CPU embeddings: cached ones read from disk, the others encoded (loading the tower), stored."""
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        """[N, D] float32 embeddings (numpy): cached ones read from disk, the others encoded (loading the tower, and
+        with it torch), stored."""
         prompts = list(prompts)
         identity = self.identity
         found = self.cache.get(identity, prompts)
@@ -354,7 +361,13 @@ class LazyTextEncoder:
             encoder = self.encoder
             if self.identity != identity:  # the weights on disk changed before the tower was loaded
                 return self.encode(prompts)
-            fresh = encoder.encode(missing).float().cpu()
-            self.cache.put(identity, missing, fresh.numpy())
-            found.update(zip(missing, fresh.numpy()))
-        return torch.from_numpy(np.stack([found[p] for p in prompts]))
+            fresh = encoder.encode(missing).float().cpu().numpy()
+            self.cache.put(identity, missing, fresh)
+            found.update(zip(missing, fresh))
+        return np.stack([found[p] for p in prompts]).astype(np.float32, copy=False)
+
+
+def _is_tower(source: Any) -> bool:
+    """Whether `source` is a loaded TextEncoder (asked without importing the tower: unloaded, it cannot be one)."""
+    tower = sys.modules.get("ovdet.text.tower")
+    return tower is not None and isinstance(source, tower.TextEncoder)

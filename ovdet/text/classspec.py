@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from ovdet.errors import ClassSpecError
 from ovdet.text import exemplars as _ex
 from ovdet.text.class_files import Where as _Where
 from ovdet.text.exemplars import DEFAULT_FUSE, Exemplar, fuse, mean_embedding
 from ovdet.text.limits import check_counts
+from ovdet.util.device import cpu_float32
 from ovdet.util.display import shown
+
+if TYPE_CHECKING:
+    import torch
+
+Encode = Callable[[list[str]], "np.ndarray | torch.Tensor"]  # prompts -> [N, D] embeddings, numpy or torch
 
 __all__ = ["ClassEntry", "ClassSpec"]
 
@@ -86,20 +91,24 @@ class ClassSpec:
             return phrasings
         return list(dict.fromkeys(t for p in phrasings for t in self._templated(p)))
 
-    def embed(self, encode: Callable[[list[str]], torch.Tensor],
-              encode_exemplars: Callable[[list[Exemplar]], torch.Tensor] | None = None) -> torch.Tensor:
-        """[rows, D] embeddings of `columns`: with templates, each phrasing's ensemble averaged and renormalized;
-        a class's exemplars (embedded by `encode_exemplars`, [N, D] for N exemplars) averaged and fused into its
-        phrasings (`ClassEntry.fuse`), or its one row when it has no words; each negative exemplar a row."""
+    def embed(self, encode: Encode,
+              encode_exemplars: Callable[[list[Exemplar]], np.ndarray | torch.Tensor] | None = None) -> np.ndarray:
+        """[rows, D] float32 embeddings of `columns` (numpy): with templates, each phrasing's ensemble averaged and
+        renormalized; a class's exemplars (embedded by `encode_exemplars`, [N, D] for N exemplars) averaged and fused
+        into its phrasings (`ClassEntry.fuse`), or its one row when it has no words; each negative exemplar a row.
+        Plain phrasings are `encode`'s rows as they are (no torch needed); the ensembles and fusions run in torch."""
         check_counts(len(self.classes), len(self.columns), len(self.templates), _Where())  # before any encoding
         phrasings = self._phrasings()
-        text = self._embed_texts(encode, phrasings) if phrasings else None
         if not self.exemplars:
-            return text
+            return cpu_float32(self._embed_texts(encode, phrasings))
+        import torch
+        import torch.nn.functional as F
+
+        text = torch.from_numpy(cpu_float32(self._embed_texts(encode, phrasings))) if phrasings else None
         if encode_exemplars is None:
             raise ClassSpecError("These classes have exemplars, which need a detector to embed them: use "
                                  "OVDetector.set_classes (or `ovdet classes encode --model ...`).")
-        vectors = encode_exemplars(self.exemplars)
+        vectors = torch.from_numpy(cpu_float32(encode_exemplars(self.exemplars)))
         rows, at, seen = [], 0, 0
         for entry in self.classes:
             words = text[at:at + len(entry.prompts)] if entry.prompts else None
@@ -113,13 +122,17 @@ class ClassSpec:
         if self.negatives:
             rows.append(text[at:])
         rows.append(F.normalize(vectors[seen:].float(), dim=-1))
-        return torch.cat([r.float().cpu() for r in rows])
+        return torch.cat([r.float().cpu() for r in rows]).numpy()
 
-    def _embed_texts(self, encode: Callable[[list[str]], torch.Tensor], phrasings: list[str]) -> torch.Tensor:
+    def _embed_texts(self, encode: Encode, phrasings: list[str]) -> np.ndarray | torch.Tensor:
         if not self.templates:
             return encode(phrasings)
+        import torch
+        import torch.nn.functional as F
+
         texts = self.texts()
         emb = encode(texts)
+        emb = emb if isinstance(emb, torch.Tensor) else torch.from_numpy(cpu_float32(emb))
         row = {t: i for i, t in enumerate(texts)}
         index = torch.tensor([row[t] for p in phrasings for t in self._templated(p)], device=emb.device)
         return F.normalize(emb[index].view(len(phrasings), len(self.templates), -1).mean(1), dim=-1)
@@ -154,3 +167,4 @@ class ClassSpec:
         lines.append(f"templates: {shown(' ; '.join(self.templates)) if self.templates else 'off'}")
         lines.append(f"phrasings scored by: {self.reduce}")
         return "\n".join(lines)
+

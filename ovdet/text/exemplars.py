@@ -16,17 +16,18 @@ import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ovdet.errors import ClassSpecError, ImageReadError, InvalidImageError
 from ovdet.media.sources import load_image
 from ovdet.text.limits import check_text, limit
 from ovdet.util.display import shown
 from ovdet.util.hashing import cached_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_FUSE", "EXEMPLAR_SOURCES", "Exemplar", "check_count", "file_exemplar", "file_exemplars", "fuse",
            "label", "mean_embedding", "parse_exemplar", "resolved_source"]
@@ -381,6 +382,9 @@ def mean_embedding(vectors: torch.Tensor, weights: Sequence[float] | None = None
     """One class embedding [D] from exemplar embeddings [M, D]: their (weighted) mean, L2-normalised."""
     if vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"mean_embedding needs [M, D] embeddings with M >= 1, got {tuple(vectors.shape)}")
+    import torch
+    import torch.nn.functional as F
+
     w = torch.ones(len(vectors)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     mean = (F.normalize(vectors.float(), dim=-1) * w.to(vectors.device)[:, None]).sum(0)
     return F.normalize(mean, dim=0)
@@ -391,5 +395,7 @@ def fuse(text_rows: torch.Tensor, exemplar: torch.Tensor, share: float = DEFAULT
     normalize((1 - share) · text + share · exemplar). share 0 keeps the words, 1 the exemplars."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
+    import torch.nn.functional as F
+
     return F.normalize((1.0 - share) * F.normalize(text_rows.float(), dim=-1) + share * exemplar.float()[None],
                        dim=-1)
