@@ -221,6 +221,27 @@ MUTATIONS: list[Mutation] = [
       '            require_module("nncf", INSTALL_INT8, "int8 with the openvino backend")',
       ("tests/test_backends.py::test_reduced_precision_keeps_the_demo_accuracy",),
       "a cached int8 model still imports nncf (~2 s) at every start"),
+    # --- the numpy path of the exported backends (ovdet.model.boxes)
+    M("numpy-nms-class-agnostic", "ovdet/model/boxes.py",
+      "det[:, :4] + det[:, 5:6] * np.float32(MAX_WH)",
+      "det[:, :4] + det[:, 5:6] * np.float32(0)",
+      ("tests/test_boxes_numpy.py",),
+      "the numpy NMS suppresses boxes of other classes (no per-class offset)"),
+    M("numpy-letterbox-padding-uncentred", "ovdet/model/boxes.py",
+      "top, bottom = round(dh - 0.1), round(dh + 0.1)",
+      "top, bottom = 0, round(2 * dh)",
+      ("tests/test_boxes_numpy.py",),
+      "the numpy letterbox pads only below the image (boxes shifted against ultralytics')"),
+    M("numpy-negatives-not-suppressed", "ovdet/model/boxes.py",
+      "            reduced = np.where(beaten[:, None], reduced.dtype.type(0), reduced)",
+      "            pass",
+      ("tests/test_boxes_numpy.py",),
+      "on OpenVINO / ONNX Runtime a box whose best prompt is a negative (!reflection) is kept"),
+    M("warm-start-imports-torch", "ovdet/detector.py",
+      "from ovdet.model.world import WorldDetector\n",
+      "from ovdet.model.world import WorldDetector\nimport torch  # noqa: F401\n",
+      ("tests/test_warm_start.py::test_a_warm_cli_detect_on_openvino_imports_no_torch",),
+      "a warm `ovdet detect` on OpenVINO imports torch again (2-3 s)"),
 ]
 
 
