@@ -121,6 +121,50 @@ def test_device_selection():
             OVDetector("yolov8n-worldv2.yaml", device="cpu", half=True)
 
 
+def _fresh(code: str, **env: str) -> str:
+    """What `python -c code` prints in a fresh process (torch not imported unless the code does)."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+@pytest.mark.parametrize("env", [{}, {"OMP_NUM_THREADS": "1"}])
+def test_device_and_threads_known_without_torch_are_what_torch_says(env):
+    """The warm exported path names the device and torch's default thread count without importing torch; both must be
+    what torch itself would say (a fresh process each, as torch's thread count is per process)."""
+    probe = ("import sys; from ovdet.util.device import default_threads, device_name, only_cpu_here; "
+             "print(device_name('cpu'), device_name('auto') if only_cpu_here() else '-', default_threads(), "
+             "'torch' in sys.modules)")
+    cpu, auto, threads, loaded = _fresh(probe, **env).split()
+    torch_says = _fresh("import torch; print(torch.get_num_threads())", **env)
+    assert (cpu, threads, loaded) == ("cpu", torch_says, "False")
+    assert auto in ("-", str(select_device("auto")))
+
+
+def test_a_gpu_driver_makes_device_auto_ask_torch(monkeypatch, tmp_path):
+    import sys
+
+    import ovdet.util.device as devices
+
+    asked = []
+    monkeypatch.setattr(devices, "select_device", lambda device: asked.append(device) or torch.device("cpu"))
+    monkeypatch.delitem(sys.modules, "torch")  # as in a process that has not imported it (put back after the test)
+    monkeypatch.setattr(devices.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(devices, "NVIDIA_DRIVER", str(tmp_path / "no-driver"))
+    monkeypatch.setattr(devices, "ROCM_DRIVER", str(tmp_path / "no-kfd"))
+    assert devices.device_name("auto") == "cpu" and asked == []  # no driver: the CPU, without torch
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: 550.0\n")
+    monkeypatch.setattr(devices, "NVIDIA_DRIVER", str(driver))
+    assert devices.device_name("auto") == "cpu" and asked == ["auto"]  # a driver: torch decides
+    assert devices.device_name("cuda:1") == "cpu" and asked == ["auto", "cuda:1"]  # any GPU name: torch checks it
+
+
 def test_truncated_and_foreign_checkpoints(tiny_world_checkpoint, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_world_checkpoint.read_bytes()[:5000])

@@ -31,7 +31,8 @@ class Backend(ABC):
     for them a function that returns it: called only when the compiled model is not in the cache),
     `precision` (one of `spec.precisions`, else a ModelError that says what to use), `device` (a name such as "cpu"
     or "cuda:0", or a torch.device), `threads` (None: the backend's default), and for backends that compile the
-    model: `model_id()` (the weights' identity, part of the cache key), `calibration()` (int8 calibration data) and the compiled-model `cache`.
+    model: `model_id()` (the weights' identity, part of the cache key), `calibration()` (int8 calibration data)
+    and the compiled-model `cache`.
     `run(batch, txt_feats)`: letterboxed batch [B,3,H,W] RGB 0..1 and text embeddings [1 or B, K, D] in, raw head
     output [B, 4+K, A] out (xywh boxes in input pixels, then one sigmoid score per embedding row), on the batch's
     device. Exported backends also take numpy arrays in `run_arrays`, the same contract without torch. `name`,

@@ -41,7 +41,8 @@ class ONNXRuntimeBackend(ExportedBackend):
         elif self.device_type == "cpu":
             self.providers = ["CPUExecutionProvider"]
         else:
-            raise ModelError(f"The onnxruntime backend runs on the CPU or CUDA, not {self.device_name}: use device='cpu'.")
+            raise ModelError(f"The onnxruntime backend runs on the CPU or CUDA, not {self.device_name}: use "
+                             "device='cpu'.")
 
     @classmethod
     def precision_message(cls, precision: str) -> str:

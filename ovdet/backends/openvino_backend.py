@@ -73,8 +73,8 @@ class OpenVINOBackend(ExportedBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.device_type != "cpu":
-            raise ModelError(f"The openvino backend runs on the CPU, not {self.device_name}: use device='cpu' (--device "
-                             "cpu), or backend='tensorrt' / 'torch' on a GPU.")
+            raise ModelError(f"The openvino backend runs on the CPU, not {self.device_name}: use device='cpu' "
+                             "(--device cpu), or backend='tensorrt' / 'torch' on a GPU.")
         self._ov = require_module("openvino", INSTALL, "The openvino backend")
         if self.precision == "bf16" and "BF16" not in cpu_capabilities():
             raise ModelError("This CPU has no bf16 support (OpenVINO reports "

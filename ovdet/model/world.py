@@ -404,7 +404,7 @@ class WorldDetector:
                       class_conf: Sequence[float] | None) -> list[np.ndarray]:
         """__call__ on torch tensors on the device, with ultralytics' letterbox and NMS."""
         import torch
-        import torchvision  # noqa: F401 - ultralytics' NMS is then torchvision's, as in its predict and ovdet.model.boxes
+        import torchvision  # noqa: F401 - ultralytics' NMS is then torchvision's (as in its predict, and as boxes)
         from ultralytics.utils import nms, ops
 
         with torch.inference_mode():

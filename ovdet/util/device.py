@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux exactly when the NVIDIA kernel driver is loaded
+ROCM_DRIVER = "/dev/kfd"  # AMD's ROCm kernel driver (a ROCm build of torch reports its GPUs as CUDA)
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -44,9 +45,9 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def only_cpu_here() -> bool:
-    """True when this machine certainly has no GPU torch could use: Linux without the NVIDIA driver (torch's
-    ROCm builds also report CUDA, so a ROCm torch is asked instead), neither macOS (MPS) nor Windows."""
-    return (platform.system() == "Linux" and not os.path.exists(NVIDIA_DRIVER) and not os.path.exists("/dev/kfd"))
+    """True when this machine certainly has no GPU torch could use: Linux without the NVIDIA or the ROCm driver
+    (macOS may have MPS, and Windows is asked too)."""
+    return platform.system() == "Linux" and not os.path.exists(NVIDIA_DRIVER) and not os.path.exists(ROCM_DRIVER)
 
 
 def device_name(device: Any = "auto") -> str:
@@ -56,8 +57,7 @@ def device_name(device: Any = "auto") -> str:
     if device is None:
         device = "auto"
     if isinstance(device, str) and "torch" not in sys.modules:
-        name = device.strip().lower()
-        if name == "cpu" or (name == "auto" and only_cpu_here()):
+        if device == "cpu" or (device == "auto" and only_cpu_here()):
             return "cpu"
     return str(select_device(device))
 
@@ -83,7 +83,7 @@ def default_threads() -> int:
     for cpu in cpus:
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            cores.add(tuple((topology / name).read_text().strip() for name in ("physical_package_id", "core_id")))
         except OSError:
             cores.add(("cpu", str(cpu)))  # no topology to read: count the CPU itself
     return max(1, len(cores))
