@@ -139,9 +139,9 @@ def test_device_and_threads_known_without_torch_are_what_torch_says(env):
     what torch itself would say (a fresh process each, as torch's thread count is per process)."""
     probe = ("import sys; from ovdet.util.device import default_threads, device_name, only_cpu_here; "
              "print(device_name('cpu'), device_name('auto') if only_cpu_here() else '-', default_threads(), "
-             "'torch' in sys.modules)")
-    cpu, auto, threads, loaded = _fresh(probe, **env).split()
-    torch_says = _fresh("import torch; print(torch.get_num_threads())", **env)
+             "'torch' in sys.modules); import torch; print(torch.get_num_threads())")  # then what torch says
+    ours, torch_says = _fresh(probe, **env).splitlines()
+    cpu, auto, threads, loaded = ours.split()
     assert (cpu, threads, loaded) == ("cpu", torch_says, "False")
     assert auto in ("-", str(select_device("auto")))
 

@@ -325,7 +325,7 @@ class WorldDetector:
                                  f"(every class at least once) or -1, and reduce must be max or mean; got "
                                  f"{cols.tolist()}, {reduce!r}.")
         self._num_classes = num if cols is not None else int(embeddings.shape[0])
-        self._txt, self._txt_on_device = np.ascontiguousarray(embeddings[None]), None
+        self._txt, self._txt_on_device = embeddings[None].copy(), None  # a copy: the caller's array may change
         self._columns, self._reduce = cols, reduce
         if self._model is not None:  # the Ray engine ships these with the weights (a model read later gets them too)
             self._model.txt_feats = self._txt_feats
