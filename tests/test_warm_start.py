@@ -114,29 +114,35 @@ sys.exit(code)
 """
 
 
-def _cli_detect(image, *args: str) -> tuple[list[dict], list[str]]:
-    """`ovdet detect IMAGE --json ...` in a fresh process: its detections, and which heavy libraries it imported."""
+def _cli(*args: str) -> tuple[list[str], list[str]]:
+    """`ovdet ARGS...` in a fresh process: the lines it printed, and which heavy libraries it imported."""
     import os
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", PROBE, "detect", str(image), "--json", *args], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OVDET_BACKEND": ""})
+    run = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OVDET_BACKEND": ""})
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    heavy = json.loads(next(line for line in lines if line.startswith("HEAVY "))[6:])
-    found = [d for line in lines if line.startswith("{") for d in json.loads(line)["detections"]]
-    return found, heavy
+    return lines, json.loads(next(line for line in lines if line.startswith("HEAVY "))[6:])
+
+
+def _cli_detect(image, *args: str) -> tuple[list[dict], list[str]]:
+    """`ovdet detect IMAGE --json ...` in a fresh process: its detections, and which heavy libraries it imported."""
+    lines, heavy = _cli("detect", str(image), "--json", *args)
+    return [d for line in lines if line.startswith("{") for d in json.loads(line)["detections"]], heavy
 
 
 def test_a_warm_cli_detect_on_openvino_imports_no_torch(checkpoint, tmp_path):
     """A second `ovdet detect` (compiled model, facts and embeddings cached by a first start) runs without torch,
-    ultralytics or transformers, and finds what that first start and the torch backend found."""
+    ultralytics or transformers, and finds what that first start and the torch backend found; so does a warm
+    `ovdet annotate`."""
     import cv2
 
     from ovdet.util.device import only_cpu_here
 
-    image = tmp_path / "scene.png"
+    image = tmp_path / "src" / "scene.png"
+    image.parent.mkdir()
     cv2.imwrite(str(image), scene(90, 120))
     _, first = _start(checkpoint, threads=2)  # in this process: exports, compiles, caches facts and embeddings
     printed = [{"class": str(n), "score": round(float(c), 4), "xyxy": [round(float(v), 1) for v in box]}
@@ -146,6 +152,14 @@ def test_a_warm_cli_detect_on_openvino_imports_no_torch(checkpoint, tmp_path):
                               "--threads", "2")
     assert heavy == []
     assert warm == printed  # the same computation (compiled model, image, threads) in another process
+    out = tmp_path / "annotated"
+    _, heavy = _cli("annotate", str(image.parent), "--out", str(out), *common, "--device", "cpu", "--backend",
+                    "openvino", "--precision", "fp32", "--threads", "2")
+    assert heavy == []  # a warm folder job needs no torch either
+    (line,) = (out / "predictions.jsonl").read_text().splitlines()
+    written = json.loads(line)["detections"]  # scores written to 5 decimals, printed to 4
+    assert [d["class_name"] for d in written] == [d["class"] for d in printed]
+    np.testing.assert_allclose([d["score"] for d in written], [d["score"] for d in printed], rtol=0, atol=1e-4)
     reference = OVDetector(checkpoint, device="cpu", backend="torch")
     reference.set_classes(CLASSES)
     want = reference.detect(scene(90, 120), conf=0.05)
