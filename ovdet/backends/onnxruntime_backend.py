@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ovdet.backends.base import Calibration, ExportedBackend
 from ovdet.backends.cache import require_module
 from ovdet.backends.table import IMAGES, OUTPUT, TABLE, TEXT
-
-if TYPE_CHECKING:
-    import torch
 from ovdet.errors import ModelError
 
 INSTALL = 'pip install "ovdet[onnx]" (or pip install onnxruntime; onnxruntime-gpu for CUDA)'
@@ -52,7 +47,7 @@ class ONNXRuntimeBackend(ExportedBackend):
     def extra_packages(self, kind: str) -> tuple[str, ...]:
         return ("onnx",)
 
-    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: torch.Tensor | None) -> None:
+    def _build(self, folder: Path, kind: str, calibration: Calibration | None, txt_feats: np.ndarray | None) -> None:
         from ovdet.backends import graph
 
         graph.export_onnx(self.model, folder / "model.onnx")
