@@ -1,5 +1,6 @@
 """The steps around the forward pass, numpy (ovdet.model.boxes, what OpenVINO and ONNX Runtime run with) against
-ultralytics' torch ones (what the torch backend runs), on the same inputs, at the same torch thread count.
+ultralytics' torch ones (what the torch backend runs), on the same inputs, at the same thread count (torch
+and OpenCV).
 
     python benchmarks/bench_boxes.py [--threads 2] [--runs 200]
 
@@ -14,6 +15,7 @@ import argparse
 import statistics
 import time
 
+import cv2
 import numpy as np
 import torch
 import torchvision  # noqa: F401 - ultralytics' NMS is torchvision's when it is imported (as in its predict)
@@ -49,10 +51,11 @@ def head_output(seed: int = 0) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (numpy's steps run on one)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads of both sides")
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)  # both letterboxes resize with OpenCV
     image = np.random.default_rng(1).integers(0, 256, (720, 1280, 3), np.uint8)
 
     def torch_letterbox() -> torch.Tensor:
@@ -67,7 +70,7 @@ def main() -> None:
     rows = [("letterbox 1280x720 -> 384x640", lambda: boxes.letterbox([image], 640, 32), torch_letterbox),
             (f"NMS, {len(ours[0])} kept of 400", lambda: boxes.non_max_suppression(preds, 0.25, 0.7),
              lambda: nms.non_max_suppression(torch.from_numpy(preds), 0.25, 0.7))]
-    print(f"torch threads {args.threads}, median of {args.runs}\n")
+    print(f"torch and OpenCV threads {args.threads} on both sides, median of {args.runs}\n")
     print("| step | ovdet numpy, ms | ultralytics torch, ms | ratio |\n| --- | ---: | ---: | ---: |")
     for label, numpy_fn, torch_fn in rows:
         a, b = median_ms(numpy_fn, args.runs), median_ms(torch_fn, args.runs)
